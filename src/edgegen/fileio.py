@@ -1,0 +1,69 @@
+"""Atomic file writing and safe output paths, shared by every stage (no torch)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from edgegen.errors import EdgegenError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success fsync and rename it into place.
+
+    Readers never see a half-written file: on any exception the temporary file is removed
+    and ``path`` keeps its previous content (or stays absent).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise EdgegenError(f"{path}: the folder {path.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise EdgegenError(f"{path}: cannot write here ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename)."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def safe_join(root: str | os.PathLike, name: str) -> Path:
+    """Join ``name`` under ``root``, refusing names that would escape it (``..``, absolute paths)."""
+    root_p = Path(root).resolve()
+    target = (root_p / name).resolve()
+    if target != root_p and root_p not in target.parents:
+        raise EdgegenError(f"{name}: path escapes the output folder {root}")
+    return target
+
+
+def sha256_hex(*chunks: bytes, length: int = 16) -> str:
+    """Short hex SHA-256 fingerprint of the concatenated chunks."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()[:length]
