@@ -48,6 +48,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from edgegen.export.onnx_export import export_run
+
+    meta = export_run(args.run, args.out, expost=not args.prior)
+    extra = f", encoder {meta.extra['encoder']}" if meta.kind == "vae-decoder" else ""
+    print(f"wrote {args.out}: {meta.kind}, {meta.image_size}x{meta.image_size}x{meta.channels}, "
+          f"parity {meta.parity_max_abs:.1e}, sampling {meta.sampling}{extra}")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from edgegen.export.quantize import quantize_model
+
+    meta = quantize_model(args.model, args.out, mode=args.mode, force=args.force)
+    g = meta.extra.get("gates", {})
+    print(f"wrote {args.out}: {meta.quantization}, " + ", ".join(f"{k} {v}" for k, v in g.get("summary", {}).items()))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -87,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, help="only this class (conditional models)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="export a trained GAN/VAE run to a self-describing ONNX file")
+    p.add_argument("run", metavar="RUN_DIR", help="run folder (or checkpoint .pt)")
+    p.add_argument("--out", required=True, help="output .onnx (a VAE also writes <stem>.encoder.onnx)")
+    p.add_argument("--prior", action="store_true", help="VAE: sample from the N(0, I) prior even when ex-post is fitted")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("quantize", help="int8 or fp16 copy of an exported model, behind quality and speed gates")
+    p.add_argument("model", metavar="MODEL", help="fp32 .onnx written by edgegen export")
+    p.add_argument("--mode", choices=["int8", "fp16"], default="int8")
+    p.add_argument("--out", required=True, help="output .onnx")
+    p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
+    p.set_defaults(func=_cmd_quantize)
 
     return parser
 
