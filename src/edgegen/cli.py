@@ -70,6 +70,57 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- runtime
+
+
+def _model_arg(value: str | None):
+    """A model file, or the name of a bundled model (default: the bundled GAN)."""
+    from pathlib import Path
+
+    from edgegen.runtime import default_model_path
+
+    if value is None:
+        return default_model_path("gan")
+    if Path(value).exists() or value.endswith(".onnx") or "/" in value:
+        return Path(value)
+    return default_model_path(value)
+
+
+def _generate_stages(args: argparse.Namespace, model) -> tuple:
+    """Watermark stage from --key / $EDGEGEN_WATERMARK_KEY (required unless --no-watermark)."""
+    import importlib.util
+
+    if args.no_watermark or importlib.util.find_spec("edgegen.safety.watermark") is None:
+        if args.key:
+            raise EdgegenError("--key given but --no-watermark asks for no mark")
+        return ()
+    from edgegen.fileio import sha256_hex
+    from edgegen.runtime.stages import WatermarkStage, default_payload
+    from edgegen.safety.keys import load_key
+
+    key = load_key(args.key)
+    payload = args.payload if args.payload is not None else default_payload(sha256_hex(model.read_bytes()))
+    return (WatermarkStage(key, payload),)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from edgegen.runtime.pipeline import run_generate
+
+    model = _model_arg(args.model_name or args.model)
+    if not model.is_file():
+        raise EdgegenError(f"{model}: no such model file")
+    if args.n <= 0:
+        raise EdgegenError(f"-n must be a positive integer, got {args.n}")
+    res = run_generate(model, args.out, args.n, seed=args.seed, cls=args.cls, fmt=args.format,
+                       batch_size=args.batch, threads=args.threads, shard_size=args.shard_size,
+                       stages=_generate_stages(args, model), engine=args.engine,
+                       ray_address=args.ray_address, num_actors=args.actors, progress=not args.quiet)
+    resumed = f" ({res.resumed_images} already done)" if res.resumed_images else ""
+    print(f"wrote {res.new_images} images to {res.out}{resumed} at {res.images_per_s:.0f} img/s; "
+          f"manifest {res.out / 'manifest.jsonl'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -122,6 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .onnx")
     p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("generate", help="generate N images with a manifest (resumable; no torch)")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="edgegen .onnx file or bundled model name (default: gan)")
+    p.add_argument("--model", dest="model_name", help="bundled model name (gan, conditional, vae) or file")
+    p.add_argument("-n", type=int, required=True, help="number of images")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or this run's to resume)")
+    p.add_argument("--batch", type=int, default=256, help="inference batch size (speed only; default 256)")
+    p.add_argument("--seed", type=int, default=0, help="image i comes from latent (seed, i)")
+    p.add_argument("--class", dest="cls", metavar="NAME|INDEX", help="class of a conditional model")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--format", choices=["png", "npz"], default="png", help="PNG files or one .npz per shard")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per atomic shard (default 1024)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local Ray)")
+    p.add_argument("--actors", type=int, default=1, help="Ray actors, each with its own session")
+    p.add_argument("--key", help="watermark key file (default: $EDGEGEN_WATERMARK_KEY)")
+    p.add_argument("--payload", type=int, help="16-bit watermark payload (default: from the model fingerprint)")
+    p.add_argument("--no-watermark", action="store_true", help="do not mark the images (on purpose)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
 
     return parser
 
