@@ -121,6 +121,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- watermark
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from edgegen.safety.keys import key_fingerprint, write_key
+
+    key = write_key(args.out, overwrite=args.force)
+    print(f"wrote watermark key {key_fingerprint(key)} to {args.out} (keep it secret; mode 0600)")
+    return 0
+
+
+def _cmd_watermark_embed(args: argparse.Namespace) -> int:
+    from edgegen.safety.wmfiles import embed_files
+
+    embed_files(args.images, args.out, key_path=args.key, payload=args.payload)
+    return 0
+
+
+def _cmd_watermark_detect(args: argparse.Namespace) -> int:
+    from edgegen.safety.wmfiles import detect_files
+
+    return detect_files(args.images, key_path=args.key, threshold=args.threshold)
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -193,6 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-watermark", action="store_true", help="do not mark the images (on purpose)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("keygen", help="make a secret watermark key file (mode 0600)")
+    p.add_argument("--out", required=True, help="key file to create")
+    p.add_argument("--force", action="store_true", help="replace an existing key file (marks made with it become unreadable)")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("watermark", help="embed or detect the keyed invisible watermark in image files")
+    wsub = p.add_subparsers(dest="watermark_command", required=True, metavar="ACTION")
+    q = wsub.add_parser("embed", help="write marked copies of images (PNG) into a folder")
+    q.add_argument("images", nargs="+", metavar="IMAGE", help="image files (grey or RGB)")
+    q.add_argument("--out", required=True, help="output folder (created if missing)")
+    q.add_argument("--key", help="key file (default: $EDGEGEN_WATERMARK_KEY)")
+    q.add_argument("--payload", type=int, default=0, help="16-bit payload to carry (default 0)")
+    q.set_defaults(func=_cmd_watermark_embed)
+    q = wsub.add_parser("detect", help="check images for the mark; one JSON line per file")
+    q.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or folders of images")
+    q.add_argument("--key", help="key file (default: $EDGEGEN_WATERMARK_KEY)")
+    q.add_argument("--threshold", type=float, default=1e-6, help="p-value at or below which a file counts as marked")
+    q.set_defaults(func=_cmd_watermark_detect)
 
     return parser
 
