@@ -113,7 +113,7 @@ def _trace(module: torch.nn.Module, args: tuple, input_names: list[str], output_
 
 def _finish(model: onnx.ModelProto, meta: ModelMeta, where: str) -> tuple[onnx.ModelProto, ModelMeta]:
     """Check the graph, fingerprint it and stamp the metadata."""
-    onnx_io.check_model(model, where)
+    onnx_io.check_model(onnx_io.strip_debug_info(model), where)
     if any(n.op_type == "BatchNormalization" for n in model.graph.node):
         raise EdgegenError(f"{where}: BatchNormalization left in the graph")
     meta = ModelMeta(**{**meta.__dict__, "model_fingerprint": onnx_io.graph_fingerprint(model)})

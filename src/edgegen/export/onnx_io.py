@@ -63,6 +63,20 @@ def graph_fingerprint(model: onnx.ModelProto) -> str:
     return sha256_hex(model.graph.SerializeToString(deterministic=True))
 
 
+def strip_debug_info(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop exporter debug info (per-node metadata with torch stack traces, doc strings, value_info).
+
+    None of it is needed to run the graph, it leaks build paths, and in an int8 file it is ~4 % of
+    the bytes (the difference between 3.8x and 3.9x smaller than fp32).
+    """
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del model.graph.value_info[:]
+    model.graph.doc_string = ""
+    return model
+
+
 def stamp(model: onnx.ModelProto, meta: ModelMeta) -> onnx.ModelProto:
     """Replace the model's ``edgegen.*`` metadata_props by ``meta`` (other props are kept)."""
     keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(PREFIX)]

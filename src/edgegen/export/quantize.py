@@ -1,0 +1,216 @@
+"""``edgegen quantize``: int8 (static, QDQ) or fp16 copies of an exported fp32 model, behind gates.
+
+int8 -- format and float islands chosen by measurement on this CPU (see docs/benchmarks.md):
+  * QDQ format (QuantizeLinear/DequantizeLinear around float ops): standard ``ai.onnx`` ops only,
+    so any runtime loads it; onnxruntime fuses each DQ -> Conv -> Q into QLinearConv (and the Gemm
+    into QGemm) at session start, which :func:`quantize_model` proves by counting the ops of the
+    graph onnxruntime actually runs.
+  * uint8 activations (per tensor, asymmetric) x int8 weights (symmetric): the u8s8 pairing the
+    VNNI / AMX kernels of MLAS take. Conv weights per output channel.
+  * The first layer's Linear (Gemm) weights are per *tensor*: per-channel would store a scale,
+    zero point and int32 bias for each of its 4,096 outputs (68 kB, the difference between 3.5x and
+    3.9x smaller) for a small quality gain on 0.5 % of the multiply-adds.
+  * The output conv (width -> C channels, 0.5 % of the multiply-adds) stays float: int8 there costs
+    the most pixel accuracy (it feeds tanh and rounding directly) and buys no speed (C = 1 or 3
+    output channels do not fill an int8 kernel). Tanh and the pixel arithmetic stay float.
+  * Calibration from the latent prior: 512 N(0, I) latents (and uniformly cycled labels), MinMax.
+    No data set is needed, and the prior is exactly what the model sees at inference.
+fp16 -- every float weight stored as float16 and cast back to float32 in-graph (``Cast`` of a
+  constant, which onnxruntime folds at load): half the size, fp32 I/O and fp32 arithmetic.
+
+Gates (vs the fp32 model, :mod:`edgegen.export.gates`): int8 median PSNR >= 35 dB, >= 99 % of pixels
+within 2/255, FCD change <= 5 % when measurable, faster than fp32 at batch 64; fp16 median PSNR
+>= 60 dB. A failing model is not written unless ``force``; the figures go into its metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgegen.errors import EdgegenError
+from edgegen.export import gates, onnx_io
+from edgegen.fileio import write_bytes_atomic
+from edgegen.modelmeta import ModelMeta
+
+INT8_PSNR_DB, INT8_WITHIN2, FCD_MAX_REL, FP16_PSNR_DB = 35.0, 0.99, 0.05, 60.0
+CALIB_N, CALIB_SEED, CALIB_BATCH = 512, 0, 64
+SPEED_BATCH = 64
+QUANT_OPS = ["Conv", "Gemm", "MatMul", "Relu", "Resize", "Reshape", "DepthToSpace"]
+
+
+def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, mode: str = "int8",
+                   force: bool = False, *, speed_gate: bool = True, calibration_z: np.ndarray | None = None,
+                   calibration_labels: np.ndarray | None = None, threads: int = 2) -> ModelMeta:
+    """Write an int8 or fp16 copy of the fp32 edgegen model ``in_path`` to ``out_path``; return its metadata.
+
+    ``calibration_z`` (N, latent) and ``calibration_labels`` replace the default prior samples
+    (for experiments and for testing that the gates catch a bad calibration). ``speed_gate=False``
+    skips the timing (tests must not depend on timing); ``force`` writes even when a gate fails.
+    A VAE decoder's ``<stem>.encoder.onnx`` is copied beside the output unchanged (fp32). Raises
+    :class:`EdgegenError` for bad input (missing/corrupt/non-edgegen/already-quantized model,
+    encoder files, missing output folder) and for failed gates without ``force``.
+    """
+    if mode not in ("int8", "fp16"):
+        raise EdgegenError(f"unknown quantization mode {mode!r} (int8 or fp16)")
+    out = onnx_io.check_output_path(out_path)
+    src = Path(in_path)
+    model, meta = onnx_io.load_model(src)
+    if meta.quantization != "fp32" or any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                                          for n in model.graph.node):
+        raise EdgegenError(f"{src}: already quantized ({meta.quantization}); quantize the fp32 export instead")
+    if meta.kind == "vae-encoder":
+        raise EdgegenError(f"{src}: is a VAE encoder; quantize the decoder (its encoder is copied beside it)")
+    if out.resolve() == src.resolve():
+        raise EdgegenError(f"{out}: output would overwrite the input model")
+
+    if mode == "int8":
+        qmodel, figures = _int8(model, meta, calibration_z, calibration_labels)
+    else:
+        qmodel, figures = _fp16(model), {}
+    onnx_io.check_model(qmodel, f"{mode} model")
+
+    # Gates, measured on what will be written.
+    quality = gates.image_quality(gates.generate(model, meta, gates.GATE_N, gates.GATE_SEED),
+                                  gates.generate(qmodel, meta, gates.GATE_N, gates.GATE_SEED))
+    figures.update(quality)
+    failed = []
+    if mode == "int8":
+        if quality["psnr_median_db"] < INT8_PSNR_DB:
+            failed.append(f"median PSNR {quality['psnr_median_db']:.1f} dB < {INT8_PSNR_DB:.0f}")
+        if quality["within_2_frac"] < INT8_WITHIN2:
+            failed.append(f"{100 * quality['within_2_frac']:.2f} % of pixels within 2/255 < {100 * INT8_WITHIN2:.0f} %")
+        fcd = gates.fcd_change(meta, model, qmodel)
+        figures.update(fcd)
+        if "fcd_change_rel" in fcd and fcd["fcd_change_rel"] > FCD_MAX_REL:
+            failed.append(f"FCD +{100 * fcd['fcd_change_rel']:.1f} % > {100 * FCD_MAX_REL:.0f} %")
+        if speed_gate:
+            fp32_ips = gates.throughput(model, meta, SPEED_BATCH, threads)
+            int8_ips = gates.throughput(qmodel, meta, SPEED_BATCH, threads)
+            figures.update({"fp32_img_s_b64": round(fp32_ips, 1), "int8_img_s_b64": round(int8_ips, 1),
+                            "speed_threads": threads})
+            if int8_ips <= fp32_ips:
+                failed.append(f"int8 not faster than fp32 at batch {SPEED_BATCH} ({int8_ips:.0f} vs {fp32_ips:.0f} img/s)")
+        else:
+            figures["speed"] = "not measured"
+    elif quality["psnr_median_db"] < FP16_PSNR_DB:
+        failed.append(f"median PSNR {quality['psnr_median_db']:.1f} dB < {FP16_PSNR_DB:.0f}")
+
+    data = qmodel.SerializeToString()
+    figures["size_bytes"] = len(data)
+    figures["size_ratio_vs_fp32"] = round(src.stat().st_size / len(data), 3)
+    figures["passed"] = not failed
+    if failed:
+        figures["failed"] = failed
+    if failed and not force:
+        raise EdgegenError(f"{mode} gate failed ({'; '.join(failed)}); nothing written (use --force to keep it)")
+
+    extra = {**meta.extra, "gates": figures, "quantized_from": meta.model_fingerprint}
+    encoder = src.with_name(src.stem + ".encoder.onnx")
+    out_encoder = out.with_name(out.stem + ".encoder.onnx")
+    if meta.kind == "vae-decoder" and encoder.is_file():
+        extra["encoder"] = out_encoder.name
+    qmeta = replace(meta, quantization=mode, model_fingerprint=onnx_io.graph_fingerprint(qmodel), extra=extra)
+    onnx_io.stamp(qmodel, qmeta)
+    if meta.kind == "vae-decoder" and encoder.is_file() and out_encoder.resolve() != encoder.resolve():
+        write_bytes_atomic(out_encoder, encoder.read_bytes())      # before the decoder that names it
+    onnx_io.write_model(qmodel, out)
+    return qmeta
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+class _PriorReader:
+    """onnxruntime CalibrationDataReader over latents (and labels) in batches of 64."""
+
+    def __init__(self, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None):
+        self._batches = iter([onnx_io.feeds(meta, z[i:i + CALIB_BATCH], None if labels is None
+                                            else labels[i:i + CALIB_BATCH]) for i in range(0, len(z), CALIB_BATCH)])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # part of the reader protocol; MinMax reads once
+        pass
+
+
+def _int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray | None,
+          labels: np.ndarray | None) -> tuple[onnx.ModelProto, dict]:
+    """Static QDQ int8 quantization calibrated on the latent prior; returns (model, op-count figures)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if z is None:
+        z, labels = onnx_io.seeded_latents(meta, CALIB_N, CALIB_SEED)
+        if labels is not None:   # cycle labels in a shuffled order so every batch sees every class
+            labels = np.random.default_rng(CALIB_SEED).permutation(labels)
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 2 or z.shape[1] != meta.latent_dim:
+        raise EdgegenError(f"calibration latents must be (N, {meta.latent_dim}), got {z.shape}")
+    if meta.conditional and labels is None:
+        raise EdgegenError("conditional model: calibration needs labels")
+    reader = type("Reader", (_PriorReader, CalibrationDataReader), {})(meta, z, labels)
+
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    float_nodes = [convs[-1].name] if convs else []                     # the output conv stays float
+    fc_weights = [n.input[1] for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    overrides = {w: [{"symmetric": True}] for w in fc_weights}           # per-tensor (see module docstring)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        onnx.save(model, src)
+        try:
+            quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=QUANT_OPS, nodes_to_exclude=float_nodes,
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                           "TensorQuantOverrides": overrides})
+        except Exception as e:
+            raise EdgegenError(f"int8 quantization failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        qmodel = onnx.load(dst)
+    del qmodel.metadata_props[:]                                          # restamped by the caller
+    onnx_io.strip_debug_info(qmodel)
+
+    # Prove the convolutions run as int8 kernels: count the ops onnxruntime executes after fusion.
+    runtime = onnx_io.runtime_op_counts(qmodel)
+    n_int8 = len(convs) - len(float_nodes)
+    n_qconv = runtime.get("com.microsoft.QLinearConv", 0) + runtime.get("QLinearConv", 0)
+    if n_qconv != n_int8:
+        raise EdgegenError(f"int8 model runs {n_qconv} QLinearConv for {n_int8} quantized convolutions "
+                           f"(onnxruntime did not fuse the QDQ pattern); runtime ops: {runtime}")
+    return qmodel, {"format": "QDQ", "activations": "uint8 per-tensor", "weights": "int8 symmetric, per-channel convs",
+                    "float_nodes": float_nodes, "calibration": f"{len(z)} latents, MinMax",
+                    "file_ops": onnx_io.op_counts(qmodel), "runtime_ops": runtime}
+
+
+# ----------------------------------------------------------------------------- fp16
+
+
+def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store every float32 initializer as float16 plus a ``Cast`` back to float32 (same tensor name)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.metadata_props[:]
+    casts, keep = [], []
+    for init in m.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < 16:
+            keep.append(init)                # scalars (127.5, clip bounds) stay: nothing to gain
+            continue
+        arr = numpy_helper.to_array(init)
+        if np.abs(arr).max(initial=0.0) > 65504.0:
+            raise EdgegenError(f"weight {init.name} exceeds the float16 range")
+        half = numpy_helper.from_array(arr.astype(np.float16), init.name + "__fp16")
+        keep.append(half)
+        casts.append(onnx.helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT,
+                                           name=init.name + "__to_fp32"))
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    nodes = casts + list(m.graph.node)       # casts first: topological order holds
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
