@@ -61,6 +61,7 @@ class TrainOptions:
     upsample: str = "nearest"
     progress: bool = True
     quality_samples: int = 2000        # samples for the checkpoint-time FCD (best.pt selection)
+    log_every: int = 50                # steps between metrics.jsonl lines
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -219,7 +220,9 @@ def _model_config(opts: TrainOptions, data: ImageDataset) -> dict:
         raise EdgegenError(f"{opts.data}: --conditional needs labelled data (no classes found)")
     extra = {key: v for key, v in (("width", opts.width), ("latent_dim", opts.latent_dim)) if v is not None}
     if opts.kind == "gan":
-        return GANConfig(image_size=opts.size, channels=channels, num_classes=k, upsample=opts.upsample, **extra).to_dict()
+        d_width = {"d_width": opts.width} if opts.width else {}  # --width scales both networks
+        return GANConfig(image_size=opts.size, channels=channels, num_classes=k, upsample=opts.upsample,
+                         **extra, **d_width).to_dict()
     if opts.kind == "vae":
         return VAEConfig(image_size=opts.size, channels=channels, num_classes=k, upsample=opts.upsample,
                          beta=opts.beta, **extra).to_dict()
@@ -379,7 +382,7 @@ def train(opts: TrainOptions) -> Path:
             step += 1
             elapsed += dt
             bar.update(1 if total_steps else int(elapsed) - bar.n)
-            if step % 50 == 0 or step == 1:
+            if step % opts.log_every == 0 or step == 1:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()} | {"img/s": f"{len(x) / dt:.0f}"})
                 _log(out, {"step": step, "elapsed": round(elapsed, 2), "images_per_s": round(len(x) / dt, 1), **logs})
             if time.monotonic() - last_ckpt >= opts.checkpoint_minutes * 60:
