@@ -145,6 +145,22 @@ def _cmd_watermark_detect(args: argparse.Namespace) -> int:
     return detect_files(args.images, key_path=args.key, threshold=args.threshold)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgegen.fileio import write_json_atomic
+    from edgegen.runtime.bench import format_table, run_bench
+
+    model = _model_arg(args.model)
+    res = run_bench(model, torch_run=args.torch, threads=args.threads, seconds=args.seconds,
+                    fp32=args.fp32, int8=args.int8, fp16=args.fp16)
+    m = res["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), onnxruntime {m['onnxruntime']}, "
+          f"{res['threads']} threads")
+    print(format_table(res))
+    if args.json:
+        write_json_atomic(args.json, res)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -236,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--key", help="key file (default: $EDGEGEN_WATERMARK_KEY)")
     q.add_argument("--threshold", type=float, default=1e-6, help="p-value at or below which a file counts as marked")
     q.set_defaults(func=_cmd_watermark_detect)
+
+    p = sub.add_parser("bench", help="images/s and latency of a model's fp32/int8/fp16 variants (and PyTorch)")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="edgegen .onnx file or bundled model name")
+    p.add_argument("--torch", metavar="RUN_DIR", help="also time PyTorch eager on this run (imports torch)")
+    p.add_argument("--fp32", help="fp32 file (default: sibling <base>.onnx / <base>.fp32.onnx)")
+    p.add_argument("--int8", help="int8 file (default: sibling <base>.int8.onnx)")
+    p.add_argument("--fp16", help="fp16 file (default: sibling <base>.fp16.onnx)")
+    p.add_argument("--threads", type=int, help="threads for every engine (default: all cores)")
+    p.add_argument("--seconds", type=float, default=1.0, help="timing per row (default 1 s)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=_cmd_bench)
 
     return parser
 

@@ -96,7 +96,7 @@ def run_generate(model: str | os.PathLike, out: str | os.PathLike, n: int, seed:
     try:
         if engine == "ray":
             from edgegen.runtime.ray_engine import run_shards_on_ray   # Ray only when asked for
-            run_shards_on_ray(Path(model), gen, plan, todo, out, manifest, stages, bar,
+            run_shards_on_ray(Path(model), plan, todo, out, manifest, stages, bar,
                               address=ray_address, num_actors=num_actors, threads=threads)
         else:
             _run_local(gen, plan, todo, out, manifest, stages, bar, workers)

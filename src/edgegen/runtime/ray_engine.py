@@ -1,0 +1,87 @@
+"""Ray Data engine for ``edgegen generate --engine ray``: the same shards, on a cluster.
+
+The shard list becomes a Ray dataset; ``map_batches`` runs :class:`ShardRenderer` in an actor
+pool, each actor holding its own onnxruntime session (sessions cannot be pickled, so each actor
+builds one from the model *bytes* it receives — no shared filesystem needed). An actor does the
+CPU work of :func:`edgegen.runtime.batch.render_shard` (inference, stages such as watermarking,
+PNG/NPZ encoding) and returns the encoded files and manifest records; the driver writes files and
+commits the manifest exactly as the local engine does, so a run's folder is the same whichever
+engine made it, and a run started on one engine resumes on the other. Ray is imported only here.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from edgegen.errors import EdgegenError
+from edgegen.runtime.batch import Plan, ShardResult, Stage, render_shard, write_files
+from edgegen.runtime.generator import Generator
+from edgegen.runtime.manifest import Manifest
+
+
+class ShardRenderer:
+    """Ray Data actor: one onnxruntime session per actor; renders one shard per input row."""
+
+    def __init__(self, model: bytes, plan: Plan, stages: tuple[Stage, ...], threads: int):
+        self.gen = Generator.from_bytes(model, name="model", threads=threads, mode="batch")
+        self.plan, self.stages = plan, stages
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # batch["shard"]: (B,) shard numbers -> one pickled ShardResult per shard (bytes column)
+        blobs = [pickle.dumps(render_shard(self.gen, self.plan, int(k), self.stages), protocol=5)
+                 for k in batch["shard"]]
+        return {"shard": np.asarray(batch["shard"]), "result": np.array(blobs, dtype=object)}
+
+
+def _init_ray(address: str | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise EdgegenError("--engine ray needs Ray: pip install 'edgegen[ray]'") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise EdgegenError(f"cannot start or join Ray at {address or 'local'}: {e}") from None
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False   # edgegen shows its own bar
+
+
+def run_shards_on_ray(model_path: Path, plan: Plan, todo: list[int], out: Path,
+                      manifest: Manifest, stages: tuple[Stage, ...], bar, address: str | None = None,
+                      num_actors: int = 1, threads: int | None = None) -> None:
+    """Render ``todo`` shards on ``num_actors`` Ray actors; write and commit each as it arrives."""
+    if not todo:
+        return
+    if num_actors < 1:
+        raise EdgegenError(f"--actors must be >= 1, got {num_actors}")
+    _init_ray(address)
+    import ray
+    import ray.data
+
+    threads = threads or 1                                  # per actor: scale out with actors, not threads
+    ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=min(len(todo), 200))
+    ds = ds.map_batches(
+        ShardRenderer,
+        fn_constructor_kwargs={"model": model_path.read_bytes(), "plan": plan,
+                               "stages": stages, "threads": threads},
+        batch_size=1, batch_format="numpy", concurrency=num_actors, num_cpus=threads,
+    )
+    try:
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2):
+            for blob in batch["result"]:
+                res: ShardResult = pickle.loads(blob)
+                write_files(out, res.files)                 # OSError -> run_generate's clear message
+                manifest.commit(res)
+                bar.update(len(res.records))
+    except ray.exceptions.RayError as e:                    # an actor failed: surface its cause in one line
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, EdgegenError):
+            raise EdgegenError(str(cause)) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgegenError(f"Ray engine failed: {first[:300]}") from None
