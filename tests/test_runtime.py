@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,50 @@ def test_embed_example(models, tmp_path):
     assert grid.shape == (32, 32, 3)
     expect = Generator.load(models["cond"]).generate(16, seed=42)
     np.testing.assert_array_equal(grid[:8, 8:16, ::-1], expect[1])            # tile (0, 1) is image 1
+
+
+# ----------------------------------------------------------------------------- bench
+
+def test_bench_variants_table_and_json(tmp_path, capsys):
+    from edgegen.cli import main
+    from edgegen.runtime.bench import find_variants
+
+    m = make_decoder(tmp_path / "m.onnx")
+    make_decoder(tmp_path / "m.int8.onnx", quantization="int8", seed=1)
+    make_decoder(tmp_path / "other.fp16.onnx", quantization="fp16", seed=2)
+    assert find_variants(tmp_path / "m.int8.onnx") == {"fp32": m, "int8": tmp_path / "m.int8.onnx"}
+    assert set(find_variants(m, fp16=tmp_path / "other.fp16.onnx")) == {"fp32", "int8", "fp16"}
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(m), "--fp16", str(tmp_path / "other.fp16.onnx"), "--seconds", "0.02",
+                 "--threads", "1", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| onnxruntime | int8 | 64 |" in table and "Cold start (m.int8.onnx, torch blocked)" in table
+    res = json.loads(out.read_text())
+    assert [(r["variant"], r["batch"]) for r in res["rows"]] == [
+        ("fp32", 1), ("fp32", 64), ("int8", 1), ("int8", 64), ("fp16", 1), ("fp16", 64)]
+    assert all(r["images_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in res["rows"])
+    assert res["cold_start"]["torch_loaded"] is False and res["machine"]["cores"] >= 1
+
+
+def test_bench_torch_eager_on_an_exported_run(tmp_path):
+    torch = pytest.importorskip("torch")
+    from edgegen.export import export_run
+    from edgegen.runtime.bench import bench_torch, run_bench
+    from edgegen.training.checkpoint import save_checkpoint
+    from edgegen.training.models.gan import GANConfig
+    from edgegen.training.models.gan import Generator as TorchGenerator
+
+    torch.manual_seed(0)
+    cfg = GANConfig(image_size=32, width=8, latent_dim=16)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "last.pt", {"kind": "gan", "models": {"G_ema": TorchGenerator(cfg).eval().state_dict()},
+                                      "model_config": cfg.to_dict(), "step": 1, "metrics": {},
+                                      "data": {"name": "synthetic", "fingerprint": "x", "class_names": []}})
+    export_run(run, tmp_path / "g.onnx")
+    res = run_bench(tmp_path / "g.onnx", torch_run=run, threads=1, seconds=0.02)
+    engines = [(r["engine"], r["variant"], r["batch"]) for r in res["rows"]]
+    assert engines == [("pytorch", "eager", 1), ("pytorch", "eager", 64), ("onnxruntime", "fp32", 1),
+                       ("onnxruntime", "fp32", 64)]
+    with pytest.raises(EdgegenError, match="no checkpoint here"):
+        bench_torch(tmp_path / "nothing", 1, (1,), 0.01)
