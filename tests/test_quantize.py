@@ -1,0 +1,151 @@
+"""Quantization: int8 op counts (build, quantize, count, compare), gates, fp16 closeness, bad input.
+
+The speed gate is skipped (``speed_gate=False``): no timing in tests. Tiny random generators do not
+reach the 99 %-within-2/255 int8 gate (their outputs use the whole pixel range, unlike trained
+models' saturated backgrounds), so int8 models here are written with ``force=True`` and the tests
+check the measured figures and that a broken calibration is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgegen.errors import EdgegenError
+from edgegen.export import export_run, quantize_model
+from edgegen.export import onnx_io
+from edgegen.modelmeta import ModelMeta
+
+from test_export import make_gan_run, make_vae_run
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    run, _ = make_gan_run(root)
+    export_run(run, root / "g.onnx")
+    return root / "g.onnx"
+
+
+@pytest.fixture(scope="module")
+def int8(fp32):
+    out = fp32.with_name("g.int8.onnx")
+    meta = quantize_model(fp32, out, mode="int8", force=True, speed_gate=False)
+    return out, meta
+
+
+def _run(path, z, labels=None):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    feed = {"z": z} if labels is None else {"z": z, "label": labels}
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def test_int8_op_counts(fp32, int8):
+    path, meta = int8
+    src, q = onnx.load(fp32), onnx.load(path)
+    n_conv = sum(n.op_type == "Conv" for n in src.graph.node)
+    file_ops = onnx_io.op_counts(q)
+    # Portable: the file holds standard ai.onnx ops only (QDQ), no com.microsoft contrib ops.
+    assert {n.domain for n in q.graph.node} <= {"", "ai.onnx"}
+    assert file_ops["QuantizeLinear"] >= n_conv and file_ops["DequantizeLinear"] >= n_conv
+    # What onnxruntime runs: every conv but the float output conv is a QLinearConv, the Linear a QGemm.
+    rt = onnx_io.runtime_op_counts(q)
+    assert rt["com.microsoft.QLinearConv"] == n_conv - 1
+    assert rt["com.microsoft.QGemm"] == 1
+    float_convs = sum(v for k, v in rt.items() if k.split(".")[-1] == "Conv")
+    assert float_convs == 1
+    last_conv = [n.name for n in src.graph.node if n.op_type == "Conv"][-1]
+    assert meta.extra["gates"]["float_nodes"] == [last_conv]
+    # One Q at the input and one DQ before the float tail: no dequantize-float-quantize in between.
+    assert rt.get("QuantizeLinear", 0) == 1 and rt.get("DequantizeLinear", 0) == 1
+    assert meta.extra["gates"]["runtime_ops"] == rt
+
+
+def test_int8_metadata_and_quality(fp32, int8):
+    path, meta = int8
+    back = onnx_io.read_meta(onnx.load(path))
+    assert back == meta and back.quantization == "int8" and back.kind == "gan"
+    g = back.extra["gates"]
+    assert g["format"] == "QDQ" and g["speed"] == "not measured" and g["fcd"].startswith("skipped")
+    assert g["psnr_median_db"] >= 35.0                       # the PSNR gate holds even on a random net
+    assert g["within_2_frac"] > 0.8 and g["size_ratio_vs_fp32"] > 2.5
+    assert back.extra["quantized_from"] == onnx_io.read_meta(onnx.load(fp32)).model_fingerprint
+    z = np.random.default_rng(9).standard_normal((16, 16)).astype(np.float32)
+    a, b = _run(fp32, z), _run(path, z)
+    assert b.dtype == np.uint8 and b.shape == a.shape
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
+    assert np.array_equal(_run(path, z[4:5])[0], b[4])      # int8 is batch independent too
+
+
+def test_broken_calibration_is_refused(fp32, tmp_path):
+    z = np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32) * 0.05   # ranges far too small
+    out = tmp_path / "broken.onnx"
+    with pytest.raises(EdgegenError, match="int8 gate failed.*PSNR|int8 gate failed.*within") as e:
+        quantize_model(fp32, out, calibration_z=z, speed_gate=False)
+    assert "\n" not in str(e.value) and not out.exists()
+    meta = quantize_model(fp32, out, calibration_z=z, speed_gate=False, force=True)
+    g = meta.extra["gates"]
+    assert out.exists() and g["passed"] is False and g["failed"]
+    assert g["within_2_frac"] < 0.5
+
+
+def test_fp16_is_close_and_half_size(fp32, tmp_path):
+    out = tmp_path / "h.onnx"
+    meta = quantize_model(fp32, out, mode="fp16")
+    g = meta.extra["gates"]
+    assert meta.quantization == "fp16" and g["passed"] and g["psnr_median_db"] >= 60.0
+    assert g["size_ratio_vs_fp32"] >= 1.9
+    m = onnx.load(out)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer)
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT      # fp32 I/O
+    z = np.random.default_rng(1).standard_normal((8, 16)).astype(np.float32)
+    assert np.abs(_run(fp32, z).astype(int) - _run(out, z).astype(int)).max() <= 1
+
+
+def test_conditional_and_vae_decoder(tmp_path):
+    run, _ = make_gan_run(tmp_path, num_classes=4)
+    export_run(run, tmp_path / "c.onnx")
+    meta = quantize_model(tmp_path / "c.onnx", tmp_path / "c8.onnx", force=True, speed_gate=False)
+    assert meta.conditional and meta.extra["gates"]["runtime_ops"]["com.microsoft.QLinearConv"] == 3
+    vrun, _ = make_vae_run(tmp_path)
+    export_run(vrun, tmp_path / "v.onnx")
+    vmeta = quantize_model(tmp_path / "v.onnx", tmp_path / "v16.onnx", mode="fp16")
+    assert vmeta.kind == "vae-decoder" and vmeta.extra["encoder"] == "v16.encoder.onnx"
+    assert (tmp_path / "v16.encoder.onnx").read_bytes() == (tmp_path / "v.encoder.onnx").read_bytes()
+    with pytest.raises(EdgegenError, match="encoder"):
+        quantize_model(tmp_path / "v.encoder.onnx", tmp_path / "e8.onnx")
+
+
+def test_bad_inputs(fp32, int8, tmp_path):
+    out = tmp_path / "o.onnx"
+    with pytest.raises(EdgegenError, match="already quantized"):
+        quantize_model(int8[0], out, speed_gate=False)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(fp32.read_bytes()[:1000])
+    with pytest.raises(EdgegenError, match="not a readable ONNX"):
+        quantize_model(corrupt, out)
+    foreign = tmp_path / "foreign.onnx"
+    m = onnx.load(fp32)
+    del m.metadata_props[:]
+    onnx.save(m, foreign)
+    with pytest.raises(EdgegenError, match="not an edgegen model"):
+        quantize_model(foreign, out)
+    with pytest.raises(EdgegenError, match="does not exist"):
+        quantize_model(fp32, tmp_path / "missing" / "o.onnx")
+    with pytest.raises(EdgegenError, match="no such model"):
+        quantize_model(tmp_path / "nothing.onnx", out)
+    assert not out.exists()
+
+
+def test_cli_quantize_exit_codes(fp32, int8, tmp_path, capsys):
+    from edgegen.cli import main
+
+    assert main(["quantize", str(int8[0]), "--mode", "fp16", "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already quantized" in err and "\n" not in err and not (tmp_path / "x.onnx").exists()
+    assert main(["quantize", str(fp32), "--mode", "fp16", "--out", str(tmp_path / "y.onnx")]) == 0
+    meta = ModelMeta.from_props({p.key: p.value for p in onnx.load(tmp_path / "y.onnx").metadata_props})
+    assert meta.quantization == "fp16"
