@@ -199,6 +199,8 @@ def test_vae_without_encoder_and_gan_without_vae_api(models, tmp_path):
 def test_runtime_works_with_torch_unimportable(models):
     code = TORCH_BLOCKER + f"""
 import edgegen.runtime
+import edgegen.runtime.batch, edgegen.runtime.bench, edgegen.runtime.manifest, edgegen.runtime.pipeline
+import edgegen.runtime.ray_engine, edgegen.runtime.stages
 from edgegen.runtime import Generator
 imgs = Generator.load({str(models['gan'])!r}).generate(16, seed=5)
 assert imgs.shape == (16, 8, 8, 1)

@@ -3,7 +3,7 @@
 Measured side by side in one process with the same thread count: onnxruntime fp32 / int8 / fp16
 (the model and its siblings ``<base>.int8.onnx`` / ``<base>.fp16.onnx``, or files passed
 explicitly) at batch 1 and 64, PyTorch eager on the run the model came from (only with
-``--torch RUN_DIR``; torch is imported there and nowhere else in the runtime), and cold start
+``--torch RUN_DIR``; that code lives in :mod:`edgegen.training.eager_bench`, loaded only then), and cold start
 (import the runtime, open the session, first image) in a fresh interpreter where torch is
 blocked. Latency is per call; images/s is images over total time of the timed calls.
 """
@@ -101,31 +101,13 @@ def bench_onnx(path: Path, threads: int, batches: tuple[int, ...], seconds: floa
 
 
 def bench_torch(run_dir: str | os.PathLike, threads: int, batches: tuple[int, ...], seconds: float) -> list[dict]:
-    """PyTorch eager rows for the run's generator, producing the same uint8 NHWC pixels."""
+    """PyTorch eager rows for ``run_dir`` (only with ``--torch``): delegated to the training package,
+    where torch lives, and imported only here so the runtime itself never loads torch."""
     try:
-        import torch  # the one lazy torch import of the runtime: only for --torch
-        from edgegen.training.checkpoint import load_run
+        from edgegen.training.eager_bench import bench_eager
     except ImportError as e:
         raise EdgegenError(f"--torch needs PyTorch (pip install 'edgegen[train]'): {e}") from None
-    torch.set_num_threads(threads)
-    run = load_run(run_dir)
-    net = run.model.decoder if run.kind == "vae" else run.model
-    if run.kind not in ("gan", "vae"):
-        raise EdgegenError(f"{run_dir}: a {run.kind} run has no generator to benchmark")
-    cfg = net.cfg
-    rows = []
-    for b in batches:
-        z = torch.from_numpy(latents(0, np.arange(b), cfg.latent_dim))
-        lab = torch.arange(b) % cfg.num_classes if cfg.num_classes else None
-
-        def call() -> np.ndarray:
-            with torch.inference_mode():                                    # same pixels as the graph
-                x = net(z, lab)                                             # (b, C, H, W) in [-1, 1]
-                return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-        rows.append({"engine": "pytorch", "variant": "eager", "file": Path(run_dir).name, "size_bytes": None,
-                     **time_calls(call, b, seconds)})
-    return rows
+    return bench_eager(run_dir, threads, batches, seconds)
 
 
 def cold_start(path: Path, threads: int, repeats: int = 3) -> dict:
