@@ -267,3 +267,37 @@ def test_watermark_stage_marks_and_records_fingerprint_only(models, tmp_path, mo
     assert main(["generate", str(models["gan32"]), "-n", "4", "--out", str(tmp_path / "nokey")]) == 2
     assert "no watermark key configured" in capsys.readouterr().err
     assert not (tmp_path / "nokey").exists()
+
+
+class _DropOdd:
+    """A stage like the audit's --on-copy drop: flags odd indices and keeps only even ones."""
+
+    def identity(self) -> dict:
+        return {"stage": "drop-odd"}
+
+    def __call__(self, images, indices, labels):
+        flagged = indices % 2 == 1
+        return images, [{"audit": {"flagged": bool(f)}} for f in flagged], ~flagged
+
+
+def test_stage_extension_point_records_and_drops(models, tmp_path):
+    out = tmp_path / "st"
+    run_generate(models["gan"], out, 50, shard_size=16, stages=(_DropOdd(),), progress=False)
+    recs = read_manifest(out)
+    assert sorted(r["index"] for r in recs) == list(range(50))               # every index listed once
+    for r in recs:
+        assert r["audit"]["flagged"] == (r["index"] % 2 == 1)
+        assert (r["file"] is None and r.get("dropped")) if r["index"] % 2 else (out / r["file"]).is_file()
+    assert len(list(out.glob("img-*.png"))) == 25
+    assert json.loads((out / "run.json").read_text())["identity"]["stages"] == [{"stage": "drop-odd"}]
+    with pytest.raises(EdgegenError, match="holds another run"):                # stages are part of the identity
+        run_generate(models["gan"], out, 50, shard_size=16, progress=False)
+
+
+def test_no_model_uses_bundled_default_or_says_why(tmp_path):
+    res = subprocess.run(CLI + ["generate", "-n", "3", "--out", str(tmp_path / "d"), "--no-watermark", "--quiet"],
+                         capture_output=True, text=True)
+    if res.returncode == 2:
+        assert "no bundled model named 'gan'" in res.stderr and not (tmp_path / "d").exists()
+    else:  # the pretrained models have landed
+        assert res.returncode == 0 and len(read_manifest(tmp_path / "d")) == 3
