@@ -250,5 +250,6 @@ def evaluate_target(target: str, n: int = 10_000, seed: int = 0, data: str = "fa
     images, labels, _ = _sample_images(path, n, seed, label)
     net = load_classifier(classifier)
     test = load_dataset(data, "test")
-    train = load_dataset(data, "train").subset(len(test), seed=seed)
+    # The floor uses as many real images as there are samples: FCD and P/R depend on n.
+    train = load_dataset(data, "train").subset(len(images), seed=seed)
     return Evaluator(net, test).evaluate(images, labels, floor_images=train.images, seed=seed)
