@@ -124,6 +124,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- watermark
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from edgegen.runtime.catalogue import bundled_models
+
+    models = bundled_models()
+    if not models:
+        print("this installation bundles no pretrained models (make models builds them)")
+    for m in models:
+        print(m.summary())
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from edgegen.safety.keys import key_fingerprint, write_key
 
@@ -233,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-watermark", action="store_true", help="do not mark the images (on purpose)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("models", help="list the bundled pretrained models with their quality figures")
+    p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("keygen", help="make a secret watermark key file (mode 0600)")
     p.add_argument("--out", required=True, help="key file to create")
