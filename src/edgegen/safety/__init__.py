@@ -1,0 +1,1 @@
+"""Safety layer (torch-free): training-set hash index and memorization audit, watermarking."""
