@@ -172,6 +172,59 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- memorization audit
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from edgegen.safety.index import build_index
+    from edgegen.training.data import load_dataset
+
+    train = load_dataset(args.data, "train", args.size, args.channels, args.skip_bad)
+    held = load_dataset(args.data, "test", args.size, args.channels, args.skip_bad)
+    if args.heldout_n:
+        held = held.subset(args.heldout_n, seed=0)
+    index = build_index(train, held, args.out, fpr=args.fpr)
+    cal = index.calibration
+    print(f"{args.out}: {len(index)} training images of {train.name}, fingerprint {index.fingerprint}; "
+          f"calibrated on {cal['n']} held-out images: threshold {cal['threshold']:.4f} at --fpr {cal['fpr']}")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edgegen.safety import report
+    from edgegen.safety.audit import Auditor
+    from edgegen.safety.index import HashIndex
+    from edgegen.safety.sources import model_batches, read_folder
+
+    index = HashIndex.load(args.index)
+    auditor = Auditor(index, fpr=args.fpr)
+    target = Path(args.target)
+    if target.is_dir():
+        names, images, skipped = read_folder(target, index.image_shape, args.skip_bad)
+        batches = [(names, images)]
+    elif target.is_file():
+        batches, skipped = model_batches(target, index, args.n, args.seed), []
+    else:
+        raise EdgegenError(f"{target}: no such folder or model file")
+    sources: list[str] = []
+    for names, images in batches:
+        auditor.audit(images)
+        sources += names
+    if args.json:
+        report.write_json(args.json, report.report_dict(auditor, sources))
+    report.write_html(args.report, auditor, sources, title=f"edgegen memorization audit: {target.name}")
+    s = auditor.summary()
+    dc = s["data_copying"]
+    ct = "n/a" if dc["statistic"] is None else f"{dc['statistic']:.2f} (p={dc['p_value']:.3g})"
+    print(f"{s['flagged']} of {s['images']} images flagged as training copies "
+          f"({100 * s['flagged_fraction']:.2f}%, expected {100 * s['expected_fraction']:.2f}% at --fpr {s['fpr']}; "
+          f"excess p={s['excess_p_value']:.3g}); {s['blank']} blank; data-copying C_T {ct}"
+          + (f"; {len(skipped)} unreadable files skipped" if skipped else "") + f"; report: {args.report}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -277,6 +330,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=1.0, help="timing per row (default 1 s)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("index", help="training-set perceptual-hash index for the memorization audit")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    q = isub.add_parser("build", help="hash the training split and calibrate on the test split")
+    _add_data_args(q)
+    q.add_argument("--out", required=True, help="index file to write (e.g. train.idx)")
+    q.add_argument("--fpr", type=float, default=0.01, help="false-flag rate on held-out images (default 0.01)")
+    q.add_argument("--size", type=int, help="resize images to this side (default: the data's own)")
+    q.add_argument("--channels", type=int, choices=[1, 3], help="default: the data's channels")
+    q.add_argument("--heldout-n", type=int, help="calibrate on this many test images (default: all)")
+    q.set_defaults(func=_cmd_index_build)
+
+    p = sub.add_parser("audit", help="flag generated images that copy training images (HTML + JSON report)")
+    p.add_argument("target", help="folder of images, or an exported model (.onnx) to sample from")
+    p.add_argument("--index", required=True, help="training-set index (edgegen index build)")
+    p.add_argument("--report", required=True, help="HTML report to write")
+    p.add_argument("--json", help="also write the figures and per-image scores as JSON")
+    p.add_argument("--fpr", type=float, help="false-flag rate (default: the index's calibration)")
+    p.add_argument("-n", type=int, default=10_000, help="images to generate when auditing a model")
+    p.add_argument("--seed", type=int, default=0, help="latent seed when auditing a model")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files in the folder")
+    p.set_defaults(func=_cmd_audit)
 
     return parser
 
