@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "src" / "edgegen" / "assets" / "models"
 
 # The recipe. Epochs, not minutes, so a rerun reproduces the same weights on the same machine kind.
+CLASSIFIER_RECIPE = dict(kind="classifier", data="fashion-mnist", epochs=3.0, batch_size=128, seed=0)
 RECIPES: dict[str, dict] = {
     "gan": dict(kind="gan", conditional=False, epochs=3.0, batch_size=64, seed=0, width=32),
     "conditional": dict(kind="gan", conditional=True, epochs=3.0, batch_size=64, seed=0, width=32),
@@ -86,9 +87,19 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "models"))
     ap.add_argument("--device", choices=["cpu", "cuda"])
     ap.add_argument("--n-eval", type=int, default=10_000)
+    ap.add_argument("--retrain-classifier", action="store_true", help="rebuild the bundled classifier too")
     args = ap.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
+    from edgegen.training.evaluate import BUNDLED_CLASSIFIER, bundle_classifier
+    from edgegen.training.train import TrainOptions, train
+
+    if args.retrain_classifier or not BUNDLED_CLASSIFIER.exists():
+        # The evaluation classifier comes first: every quality figure below is measured with it.
+        classifier = runs / "classifier"
+        if not (classifier / "last.pt").exists():
+            train(TrainOptions(out=str(classifier), device=args.device, **CLASSIFIER_RECIPE))
+        print(f"classifier: {bundle_classifier(classifier, BUNDLED_CLASSIFIER)}")
     index_path = ASSETS / "models.json"
     catalogue = json.loads(index_path.read_text()) if index_path.exists() else {}
     for name in args.only or RECIPES:

@@ -36,10 +36,31 @@ def load_classifier(path: str | Path | None = None) -> Classifier:
     state = torch.load(path, map_location="cpu", weights_only=True)
     try:
         net = Classifier(ClassifierConfig(**state["model_config"]))
-        net.load_state_dict(state["models"]["classifier"])
+        # The bundled copy stores float16 weights (half the size); compute is always float32.
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v
+                             for k, v in state["models"]["classifier"].items()})
     except (KeyError, TypeError, RuntimeError) as e:
         raise EdgegenError(f"{path}: not a classifier checkpoint ({e})") from None
     return net.eval()
+
+
+def bundle_classifier(run: str | Path, out: str | Path = BUNDLED_CLASSIFIER) -> dict:
+    """Write a classifier run's weights (float16, no optimiser state) as the bundled evaluation model."""
+    import io
+
+    from edgegen.fileio import write_bytes_atomic
+    from edgegen.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(Path(run) / "best.pt" if Path(run).is_dir() else Path(run))
+    if state["kind"] != "classifier":
+        raise EdgegenError(f"{run}: a {state['kind']} run is not a classifier")
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in state["models"]["classifier"].items()}
+    small = {"kind": "classifier", "model_config": state["model_config"], "models": {"classifier": sd},
+             "data": state["data"], "metrics": state["metrics"], "step": state["step"], "version": state["version"]}
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    write_bytes_atomic(out, buf.getvalue())
+    return state["metrics"]
 
 
 # ----------------------------------------------------------------------------- metrics on features

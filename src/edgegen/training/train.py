@@ -175,17 +175,21 @@ class VAETask:
 
 
 class ClassifierTask:
-    """Cross-entropy with random 2-px shifts and flips; metric: test accuracy."""
+    """Cross-entropy with random 2-px shifts and flips, cosine learning-rate decay; metric: test accuracy."""
 
     metric_name, metric_higher_better = "accuracy", True
 
-    def __init__(self, cfg: ClassifierConfig, opts: TrainOptions, device: torch.device):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: ClassifierConfig, opts: TrainOptions, device: torch.device, total_steps: int | None):
+        self.cfg, self.device, self.total_steps = cfg, device, total_steps
         self.net = Classifier(cfg).to(device)
-        self.opt = torch.optim.Adam(self.net.parameters(), opts.lr or 2e-3, weight_decay=1e-4)
+        self.lr = opts.lr or 2e-3
+        self.opt = torch.optim.Adam(self.net.parameters(), self.lr, weight_decay=1e-4)
         self.rng = torch.Generator().manual_seed(opts.seed + 1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None, step: int) -> dict[str, float]:
+        if self.total_steps:  # a function of the step alone, so resume stays exact
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * min(step / self.total_steps, 1.0)))
         self.net.train()
         dx, dy = (torch.randint(-2, 3, (2,), generator=self.rng)).tolist()
         x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
@@ -237,7 +241,8 @@ def _make_task(kind: str, cfg: dict, opts: TrainOptions, device: torch.device, d
         return GANTask(GANConfig(**cfg), opts, device)
     if kind == "vae":
         return VAETask(VAEConfig(**cfg), opts, device, data)
-    return ClassifierTask(ClassifierConfig(**cfg), opts, device)
+    total = math.ceil(opts.epochs * (len(data) // opts.batch_size)) if opts.epochs else None
+    return ClassifierTask(ClassifierConfig(**cfg), opts, device, total)
 
 
 def _resolve_device(name: str | None) -> torch.device:
