@@ -56,8 +56,11 @@ def test_golden_fingerprint_and_pattern(wm):
     assert wm.fingerprint == "048613ee44337668" and "048613" in repr(wm) and KEY.hex() not in repr(wm)
     x = fmnist(32, 1)
     marked = wm.embed(x, 0xBEEF)
-    assert hashlib.sha256(marked.tobytes()).hexdigest()[:16] == "1abcc0acb92a5200"
+    # Re-pinned for the coded payload (24 payload + 39 sync projections), from a run that detected it.
+    assert hashlib.sha256(marked.tobytes()).hexdigest()[:16] == "d4fae560d9546fe4"
     assert not np.array_equal(marked, x)
+    d = wm.detect(marked)[0]
+    assert d.detected and d.payload == 0xBEEF and d.sync_bits == 39
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -77,8 +80,8 @@ def test_round_trip_real_images(wm, size, rgb):
         assert np.abs(ycc1[..., 1:] - ycc0[..., 1:])[inside.reshape(-1, size)].mean() < 0.6
     dets = wm.detect(m)
     assert np.mean([d.detected and d.p_value <= 1e-6 for d in dets]) >= 0.95   # issue: >= 99 % at scale
-    # Clipping can leave a payload projection short of its lattice point in a dark image.
-    assert np.mean([d.payload == 777 for d in dets]) >= 0.8   # known shortfall (target 95 %), see docs/benchmarks.md
+    # The payload is coded (rate 2/3, soft maximum-likelihood decoding): clipping in dark images no longer costs it.
+    assert np.mean([d.payload == 777 for d in dets]) >= 0.9   # 97-100 % on 500 images (docs/benchmarks.md)
     assert not any(d.detected for d in wm.detect(x))
 
 
@@ -122,9 +125,24 @@ def test_attacks_64px(wm, name, attack, minimum):
 def test_payload_after_jpeg(wm):
     payloads = np.arange(40) * 1601 % 65536
     m = wm.embed(fmnist(64, 40, offset=200), payloads)
-    dets = wm.detect(attacks.jpeg_cv2(m, 90))
+    dets = wm.detect(attacks.jpeg_cv2(m, 75))
     exact = [d.payload == p for d, p in zip(dets, payloads) if d.detected]
-    assert len(exact) >= 38 and np.mean(exact) >= 0.8
+    assert len(exact) >= 38 and np.mean(exact) >= 0.9   # issue target 95 %, measured on 500 in docs/benchmarks.md
+
+
+def test_payload_code_corrects_errors(wm):
+    from edgegen.safety.watermark import _code
+    for bits, length in wm._chunks:
+        cw = _code(bits, length)
+        assert cw.shape == (1 << bits, length) and len(np.unique(cw, axis=0)) == 1 << bits
+        dist = (cw[:, None, :] != cw[None, :, :]).sum(-1) + length * np.eye(len(cw), dtype=int)
+        assert dist.min() >= 3                                   # at least one error corrected
+    # Ideal projections of payload 0xA5C3 (on their lattice points), one payload bit flipped at a time:
+    # the soft decoder still returns the payload; two flips in one chunk may not.
+    z = np.tile(wm._dither + wm._bits(0xA5C3, 1)[0] / 2.0 + 3.0, (wm.n_pay, 1))
+    z[np.arange(wm.n_pay), wm.n_sync + np.arange(wm.n_pay)] += 0.5
+    assert (wm._decode(z) == 0xA5C3).all()
+    assert (wm._decode(z[:1] - np.r_[np.zeros(wm.n_sync), np.full(wm.n_pay, 0.5)]) != 0xA5C3).all()
 
 
 def test_geometric_attacks_are_not_claimed(wm):

@@ -44,10 +44,12 @@ from edgegen.safety.keys import KEY_BYTES, key_fingerprint
 
 DEFAULT_THRESHOLD = 1e-6
 # ITU-R BT.601 luma weights (as OpenCV's RGB2GRAY and JPEG's YCbCr).
-_LUMA = np.array([0.299, 0.587, 0.114])
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _MIN_SIDE = 8           # smaller images cannot hold an F=8 band
 _MAX_SIDE = 4096
 _G_FLOOR = 0.5          # grey levels added (in quadrature) to the gain so flat images still embed
+_DENSE_MAX = 128 * 128  # up to this many pixels the transform is one dense matmul, above it separable
+_MIN_SYNC = 24          # sync projections kept however long the payload is
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Detection:
     """The verdict for one image.
 
     ``p_value`` bounds the probability that an unmarked image (or one marked with another
-    key) scores at least this well, Bonferroni-corrected over the ``hypotheses`` tried.
+    key) scores at least this well, Bonferroni-corrected over the hypotheses tried.
     ``matching_bits`` of ``sync_bits`` sync projections decoded to their key-derived bit
     (a Binomial(n, 1/2) count under the null). ``payload`` is None unless ``detected``.
     """
@@ -87,41 +89,95 @@ def _hmac_gaussians(key: bytes, label: str, count: int) -> np.ndarray:
     return np.sqrt(-2.0 * np.log1p(-u[0])) * np.cos(2.0 * np.pi * u[1])
 
 
+# ----------------------------------------------------------------------------- payload code
+
+
+@lru_cache(maxsize=32)
+def _code(bits: int, length: int) -> np.ndarray:
+    """(2**bits, length) codewords (0/1) of a systematic binary code [I | A], A searched (fixed seed)
+    for the largest minimum distance; the payload is decoded by soft maximum likelihood over them."""
+    msgs = (np.arange(1 << bits)[:, None] >> np.arange(bits)) & 1
+    if length == bits:
+        return msgs.astype(np.float32)
+    rng = np.random.default_rng(1000 * bits + length)
+    best, best_key = None, (-1, 0)
+    for _ in range(400):
+        a = rng.integers(0, 2, (bits, length - bits))
+        cw = np.concatenate([msgs, msgs @ a % 2], axis=1)
+        w = cw[1:].sum(1)
+        key = (int(w.min()), -int((w == w.min()).sum()))       # distance, then fewest nearest words
+        if key > best_key:
+            best, best_key = cw, key
+    best = best.astype(np.float32)
+    best.setflags(write=False)
+    return best
+
+
+def _chunks(payload_bits: int, projections: int) -> list[tuple[int, int]]:
+    """Split the payload into chunks of <= 8 bits and the projections among them: [(bits, length)]."""
+    n = -(-payload_bits // 8)
+    bits = [payload_bits // n + (i < payload_bits % n) for i in range(n)]
+    lens = [projections // n + (i < projections % n) for i in range(n)]
+    return list(zip(bits, lens))
+
+
 # ----------------------------------------------------------------------------- transform
 
 
 @lru_cache(maxsize=32)
 def _cosines(size: int, band: int) -> np.ndarray:
-    """(band, size) float64: sqrt(2) cos(pi u (x + 1/2) / size), the u = 0 row all ones (mean-square 1)."""
+    """(band, size) float32: sqrt(2) cos(pi u (x + 1/2) / size), the u = 0 row all ones (mean-square 1)."""
     x = (np.arange(size) + 0.5) / size
     rows = np.cos(np.pi * np.arange(band)[:, None] * x[None, :])
     rows[1:] *= np.sqrt(2.0)
+    rows = rows.astype(np.float32)
     rows.setflags(write=False)
     return rows
 
 
+@lru_cache(maxsize=32)
+def _dense(h: int, w: int, band: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthesis (K, H*W) and analysis (H*W, K) matrices of the band, DC dropped, v-major order."""
+    cv, cu = _cosines(h, band), _cosines(w, band)
+    synth = (cv[:, None, :, None] * cu[None, :, None, :]).reshape(band * band, h * w)[1:]
+    synth = np.ascontiguousarray(synth)
+    ana = np.ascontiguousarray(synth.T / np.float32(h * w))
+    synth.setflags(write=False)
+    ana.setflags(write=False)
+    return synth, ana
+
+
 def band_coefficients(luma: np.ndarray, band: int) -> np.ndarray:
-    """(N, H, W) float -> (N, band*band - 1) amplitude coefficients, DC dropped, v-major order.
+    """(N, H, W) float -> (N, band*band - 1) float32 amplitude coefficients, DC dropped, v-major order.
 
     A coefficient is the amplitude (grey levels) of its cosine pattern in the image, so
     ``pattern_from_coefficients`` inverts it exactly and the pixel MSE of a pattern equals
     the sum of its squared coefficients.
     """
     n, h, w = luma.shape
+    luma = np.asarray(luma, dtype=np.float32)
+    if h * w <= _DENSE_MAX:
+        return luma.reshape(n, h * w) @ _dense(h, w, band)[1]
     cv, cu = _cosines(h, band), _cosines(w, band)
-    c = cv @ (luma @ cu.T) / (h * w)          # (N, band, band), [v, u]
+    t = (luma.reshape(n * h, w) @ (cu.T / np.float32(w))).reshape(n, h, band)      # (N, H, band_u)
+    c = np.einsum("vh,nhu->nvu", cv / np.float32(h), t, optimize=True)
     return c.reshape(n, -1)[:, 1:]
 
 
 def pattern_from_coefficients(coef: np.ndarray, h: int, w: int, band: int) -> np.ndarray:
-    """(N, band*band - 1) amplitude coefficients -> (N, H, W) pixel pattern (DC zero)."""
-    full = np.concatenate([np.zeros((len(coef), 1)), coef], axis=1).reshape(-1, band, band)
-    return _cosines(h, band).T @ full @ _cosines(w, band)
+    """(N, band*band - 1) amplitude coefficients -> (N, H, W) float32 pixel pattern (DC zero)."""
+    coef = np.asarray(coef, dtype=np.float32)
+    n = len(coef)
+    if h * w <= _DENSE_MAX:
+        return (coef @ _dense(h, w, band)[0]).reshape(n, h, w)
+    full = np.concatenate([np.zeros((n, 1), np.float32), coef], axis=1).reshape(n, band, band)
+    t = np.einsum("vh,nvu->nhu", _cosines(h, band), full, optimize=True)          # (N, H, band_u)
+    return (t.reshape(n * h, band) @ _cosines(w, band)).reshape(n, h, w)
 
 
 def to_luma(images: np.ndarray) -> np.ndarray:
-    """(N, H, W[, C]) uint8/float -> (N, H, W) float64 luma (grey images pass through)."""
-    x = images.astype(np.float64)
+    """(N, H, W[, C]) uint8/float -> (N, H, W) float32 luma (grey images pass through)."""
+    x = np.asarray(images, dtype=np.float32)
     if x.ndim == 4:
         x = x[..., 0] if x.shape[-1] == 1 else x[..., :3] @ _LUMA
     return x
@@ -164,35 +220,43 @@ class Watermarker:
 
     ``band`` sets the F x F low-frequency band (K = F*F - 1 coefficients), ``step`` the
     quantiser step relative to the image's coefficient RMS (larger: more robust, more
-    visible), ``threshold`` the p-value at which an image counts as marked. The key is
-    kept privately; ``fingerprint`` is its public name.
+    visible), ``threshold`` the p-value at which an image counts as marked,
+    ``payload_projections`` how many projections carry the (coded) payload; the other
+    projections are sync projections for detection. The key is kept privately;
+    ``fingerprint`` is its public name.
     """
 
     def __init__(self, key: bytes, payload_bits: int = 16, *, band: int = 8, step: float = 0.125,
                  threshold: float = DEFAULT_THRESHOLD, iterations: int = 6,
+                 payload_projections: int | None = None,
                  offsets: Sequence[float] = (0.0, -8.0, -16.0, -24.0),
                  blurs: Sequence[float] = (0.0, 0.7, 1.1)) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise EdgegenError(f"a watermark key must be {KEY_BYTES} bytes (load one with edgegen.safety.keys.load_key)")
-        k = band * band - 1
         if not 2 <= band <= _MIN_SIDE:
             raise EdgegenError(f"band must be 2..{_MIN_SIDE}, got {band}")
-        if not 1 <= payload_bits <= k - 24:
-            raise EdgegenError(f"payload_bits must be 1..{k - 24} for band {band}, got {payload_bits}")
+        k = band * band - 1
+        if not 1 <= payload_bits <= k - _MIN_SYNC:
+            raise EdgegenError(f"payload_bits must be 1..{k - _MIN_SYNC} for band {band}, got {payload_bits}")
         if not 0.0 < threshold < 1.0:
             raise EdgegenError(f"threshold must be in (0, 1), got {threshold}")
         self._key = key
         self.fingerprint = key_fingerprint(key)
         self.payload_bits = payload_bits
-        self.band, self.step, self.threshold, self.iterations = band, float(step), float(threshold), iterations
-        self.n_sync = k - payload_bits
-        # Projection rows (n x K): orthonormalised key-derived Gaussians, n = K (all directions used).
+        self.band, self.step, self.threshold, self.iterations = band, float(step), float(threshold), int(iterations)
+        # Rate-2/3 code by default: 16 payload bits on 24 projections leave 39 sync projections.
+        n_pay = payload_projections if payload_projections is not None else min(-(-3 * payload_bits // 2), k - _MIN_SYNC)
+        if not payload_bits <= n_pay <= k - _MIN_SYNC:
+            raise EdgegenError(f"payload_projections must be {payload_bits}..{k - _MIN_SYNC}, got {n_pay}")
+        self.n_pay, self.n_sync = n_pay, k - n_pay
+        self._chunks = _chunks(payload_bits, n_pay)
+        # Projection rows (K x K): orthonormalised key-derived Gaussians (all directions used).
         g = _hmac_gaussians(key, f"projection/band={band}", k * k).reshape(k, k)
         q, r = np.linalg.qr(g)
-        self._proj = (q * np.sign(np.diag(r))).T              # (K, K) orthonormal rows
+        self._proj = np.ascontiguousarray((q * np.sign(np.diag(r))).T).astype(np.float32)   # (K, K)
         self._dither = _hmac_uniforms(key, f"dither/band={band}", k)    # (K,) in [0, 1)
-        sync = (_hmac_uniforms(key, f"sync/band={band}", self.n_sync) < 0.5).astype(np.float64)
-        self._sync_bits = sync                                 # (n_sync,) in {0, 1}
+        self._sync_bits = (_hmac_uniforms(key, f"sync/band={band}", self.n_sync) < 0.5).astype(np.float64)
+        self._sync_offset = (self._dither[: self.n_sync] + self._sync_bits / 2.0).astype(np.float32)
         self.hypotheses = [(float(o), float(b)) for o in offsets for b in blurs]
 
     def __repr__(self) -> str:  # never show the key
@@ -201,7 +265,7 @@ class Watermarker:
     # ------------------------------------------------------------------ helpers
 
     def _bits(self, payload: int | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
-        """Payload(s) -> (N, K) bit targets: sync bits then payload bits (LSB first)."""
+        """Payload(s) -> (N, K) bit targets: sync bits, then the payload's codeword."""
         pay = np.asarray(payload)
         if pay.ndim == 0 and np.issubdtype(pay.dtype, np.integer):
             pay = np.full(n, int(pay), dtype=np.int64)
@@ -209,14 +273,32 @@ class Watermarker:
             raise EdgegenError(f"payload must be an integer or {n} integers, got shape {pay.shape} {pay.dtype}")
         if pay.min() < 0 or pay.max() >= (1 << self.payload_bits):
             raise EdgegenError(f"payload must be in 0..{(1 << self.payload_bits) - 1} ({self.payload_bits} bits)")
-        shifts = np.arange(self.payload_bits, dtype=np.int64)
-        pbits = ((pay.astype(np.int64)[:, None] >> shifts) & 1).astype(np.float64)
-        return np.concatenate([np.broadcast_to(self._sync_bits, (n, self.n_sync)), pbits], axis=1)
+        pay = pay.astype(np.int64)
+        coded, shift = [], 0
+        for bits, length in self._chunks:
+            coded.append(_code(bits, length)[(pay >> shift) & ((1 << bits) - 1)].astype(np.float64))
+            shift += bits
+        return np.concatenate([np.broadcast_to(self._sync_bits, (n, self.n_sync))] + coded, axis=1)
+
+    def _decode(self, z: np.ndarray) -> np.ndarray:
+        """(M, K) lattice-unit projections -> (M,) payloads, soft maximum likelihood per code chunk.
+
+        A payload projection's residue is near 0 for bit 0 and near 1/2 for bit 1, so cos(2 pi
+        residue) is a soft bit; the codeword with the largest correlation wins.
+        """
+        soft = np.cos(2.0 * np.pi * (z[:, self.n_sync:] - self._dither[self.n_sync:])).astype(np.float32)
+        out = np.zeros(len(z), dtype=np.int64)
+        start = shift = 0
+        for bits, length in self._chunks:
+            sign = 1.0 - 2.0 * _code(bits, length)
+            out |= np.argmax(soft[:, start:start + length] @ sign.T, axis=1).astype(np.int64) << shift
+            start, shift = start + length, shift + bits
+        return out
 
     def _normalised(self, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, K) coefficients -> (projections / step / gain (N, K) in lattice units, gain (N,))."""
-        gain = np.sqrt(np.mean(coef * coef, axis=1) + _G_FLOOR ** 2)
-        return (coef @ self._proj.T) / (self.step * gain[:, None]), gain
+        gain = np.sqrt(np.mean(coef * coef, axis=1) + np.float32(_G_FLOOR ** 2))
+        return (coef @ self._proj.T) / (np.float32(self.step) * gain[:, None]), gain
 
     # ------------------------------------------------------------------ embed
 
@@ -239,19 +321,19 @@ class Watermarker:
         offset = self._dither[None, :] + bits / 2.0            # (N, K) lattice offsets, lattice units
         target = None
         for it in range(self.iterations):
-            coef = band_coefficients(to_luma(x), self.band)    # (N, K)
-            z, gain = self._normalised(coef)
+            z, gain = self._normalised(band_coefficients(x if gray else to_luma(x), self.band))
             if target is None:                                 # pick the nearest lattice point once
-                move = strength * (np.round(z - offset) + offset - z)
-                target = z + move
-            delta = (target - z) * (self.step * gain[:, None])  # grey levels along each projection
+                z64 = z.astype(np.float64)
+                target = z64 + strength * (np.round(z64 - offset) + offset - z64)
+            delta = ((target - z) * (self.step * gain[:, None])).astype(np.float32)   # grey levels per projection
             # A smooth pattern (N, H, W); where it clipped, the next pass puts the missing part on
             # the pixels that still have room (re-embedding after clipping).
             pattern = pattern_from_coefficients(delta @ self._proj, h, w, self.band)
-            x = x + (pattern if gray else pattern[..., None])
-            x = np.clip(np.rint(x) if it >= self.iterations - 2 else x, 0.0, 255.0)
-        out = x.astype(np.uint8)
-        return out.reshape(images.shape)
+            x += pattern if gray else pattern[..., None]
+            if it >= self.iterations - 2:
+                np.rint(x, out=x)
+            np.clip(x, 0.0, 255.0, out=x)
+        return x.astype(np.uint8).reshape(images.shape)
 
     # ------------------------------------------------------------------ detect
 
@@ -262,23 +344,21 @@ class Watermarker:
         brightness change that clipped dark pixels) and each coefficient is divided by the
         response of a Gaussian blur of s pixels. Exposed for benchmarks and tests.
         """
-        x, _ = _check_images(images)
-        luma = to_luma(x)
+        x, gray = _check_images(images)
+        luma = x if gray else to_luma(x)
         n, h, w = luma.shape
-        c_img = band_coefficients(luma, self.band)                       # (N, K)
-        c_mask = band_coefficients((luma > 0.5).astype(np.float64), self.band)
+        both = band_coefficients(np.concatenate([luma, (luma > 0.5).astype(np.float32)]), self.band)
+        c_img, c_mask = both[:n], both[n:]
         u = np.arange(self.band)
-        scores, matches, zs = [], [], []
-        for off, blur in self.hypotheses:
+        k = self.band * self.band - 1
+        coef = np.empty((n, len(self.hypotheses), k), dtype=np.float32)
+        for i, (off, blur) in enumerate(self.hypotheses):
             resp = np.exp(-0.5 * (blur * np.pi * u[:, None] / h) ** 2 - 0.5 * (blur * np.pi * u[None, :] / w) ** 2)
-            coef = (c_img - off * c_mask) / resp.reshape(-1)[1:]
-            z, _ = self._normalised(coef)                               # (N, K) lattice units
-            theta = 2.0 * np.pi * (z[:, : self.n_sync] - self._dither[: self.n_sync] - self._sync_bits / 2.0)
-            cos = np.cos(theta)
-            scores.append(cos.sum(axis=1))
-            matches.append((cos > 0).sum(axis=1))
-            zs.append(z)
-        return np.stack(scores, 1), np.stack(matches, 1), np.stack(zs, 1)
+            coef[:, i] = (c_img - np.float32(off) * c_mask) / resp.reshape(-1)[1:].astype(np.float32)
+        z, _ = self._normalised(coef.reshape(-1, k))
+        z = z.reshape(n, len(self.hypotheses), k)
+        cos = np.cos(np.float32(2.0 * np.pi) * (z[:, :, : self.n_sync] - self._sync_offset))
+        return cos.sum(axis=2, dtype=np.float64), (cos > 0).sum(axis=2), z
 
     def detect(self, images: np.ndarray) -> list[Detection]:
         """Detect the mark in each image of (N, H, W[, C]) uint8; one :class:`Detection` per image.
@@ -287,27 +367,21 @@ class Watermarker:
         hypotheses; the payload is decoded (under that hypothesis) only when it passes.
         """
         score, match, z = self.scores(images)
-        n_hyp = len(self.hypotheses)
-        p = np.minimum(1.0, n_hyp * chernoff_p(score, self.n_sync))     # (N, H')
+        p = np.minimum(1.0, len(self.hypotheses) * chernoff_p(score, self.n_sync))     # (N, H')
         best = np.argmin(p - 1e-300 * score, axis=1)                     # ties (p = 1) -> highest score
         rows = np.arange(len(score))
-        out = []
-        for i, hbest in zip(rows, best):
-            pv = float(p[i, hbest])
-            detected = pv <= self.threshold
-            payload = None
-            if detected:
-                zp = z[i, hbest, self.n_sync:] - self._dither[self.n_sync:]
-                bits = (np.cos(2.0 * np.pi * zp) < 0).astype(np.int64)  # residue nearer 1/2 -> bit 1
-                payload = int((bits << np.arange(self.payload_bits)).sum())
-            off, blur = self.hypotheses[hbest]
-            out.append(Detection(detected, pv, payload, int(match[i, hbest]), self.n_sync,
-                                 float(score[i, hbest]), f"offset={off:g},blur={blur:g}"))
-        return out
+        pv = p[rows, best]
+        detected = pv <= self.threshold
+        payload = np.zeros(len(rows), dtype=np.int64)
+        if detected.any():
+            payload[detected] = self._decode(z[rows[detected], best[detected]].astype(np.float64))
+        names = [f"offset={o:g},blur={b:g}" for o, b in self.hypotheses]
+        return [Detection(bool(d), float(q), int(pl) if d else None, int(m), self.n_sync, float(s), names[b])
+                for d, q, pl, m, s, b in zip(detected, pv, payload, match[rows, best], score[rows, best], best)]
 
 
 def _check_images(images: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Validate a uint8 batch and return it as float64 (same shape) plus whether it is grey (N, H, W)."""
+    """Validate a uint8 batch and return it as float32 (same shape, C = 1 squeezed) plus whether it is grey."""
     if not isinstance(images, np.ndarray):
         raise EdgegenError(f"images must be a numpy array, got {type(images).__name__}")
     if images.dtype != np.uint8:
@@ -319,7 +393,7 @@ def _check_images(images: np.ndarray) -> tuple[np.ndarray, bool]:
     h, w = images.shape[1:3]
     if min(h, w) < _MIN_SIDE or max(h, w) > _MAX_SIDE:
         raise EdgegenError(f"image size {h}x{w} is outside {_MIN_SIDE}..{_MAX_SIDE} pixels per side")
-    x = images.astype(np.float64)
+    x = images.astype(np.float32)
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     return x, x.ndim == 3
