@@ -103,6 +103,21 @@ def _generate_stages(args: argparse.Namespace, model) -> tuple:
     return (WatermarkStage(key, payload),)
 
 
+def _audit_stages(args: argparse.Namespace) -> tuple:
+    """Audit stage from --audit INDEX (--on-copy, --audit-fpr); runs after the watermark (audits written pixels)."""
+    if not args.audit:
+        if args.on_copy != "flag" or args.audit_fpr is not None:
+            raise EdgegenError("--on-copy / --audit-fpr need --audit INDEX")
+        return ()
+    from pathlib import Path
+
+    from edgegen.runtime.stages import AuditStage
+
+    if not Path(args.audit).is_file():
+        raise EdgegenError(f"--audit {args.audit}: no such index file")
+    return (AuditStage(args.audit, on_copy=args.on_copy, fpr=args.audit_fpr),)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from edgegen.runtime.pipeline import run_generate
 
@@ -113,11 +128,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise EdgegenError(f"-n must be a positive integer, got {args.n}")
     res = run_generate(model, args.out, args.n, seed=args.seed, cls=args.cls, fmt=args.format,
                        batch_size=args.batch, threads=args.threads, shard_size=args.shard_size,
-                       stages=_generate_stages(args, model), engine=args.engine,
+                       stages=_generate_stages(args, model) + _audit_stages(args), engine=args.engine,
                        ray_address=args.ray_address, num_actors=args.actors, progress=not args.quiet)
     resumed = f" ({res.resumed_images} already done)" if res.resumed_images else ""
     print(f"wrote {res.new_images} images to {res.out}{resumed} at {res.images_per_s:.0f} img/s; "
           f"manifest {res.out / 'manifest.jsonl'}")
+    if args.audit:
+        import json
+
+        s = json.loads((res.out / "audit.json").read_text())
+        print(f"audit: {s['flagged']} of {s['images']} images flagged as training copies "
+              f"({100 * s['flagged_fraction']:.2f}%, expected {100 * s['expected_fraction']:.2f}%; "
+              f"excess p={s['excess_p_value']:.3g}); {s['blank']} blank; {s['dropped']} dropped; "
+              f"summary {res.out / 'audit.json'}")
     return 0
 
 
@@ -295,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="watermark key file (default: $EDGEGEN_WATERMARK_KEY)")
     p.add_argument("--payload", type=int, help="16-bit watermark payload (default: from the model fingerprint)")
     p.add_argument("--no-watermark", action="store_true", help="do not mark the images (on purpose)")
+    p.add_argument("--audit", metavar="INDEX", help="audit each image against this training-set index (train.idx)")
+    p.add_argument("--on-copy", choices=["flag", "drop"], default="flag",
+                   help="flagged training copies: record only (flag) or also leave them unwritten (drop)")
+    p.add_argument("--audit-fpr", type=float, help="false-flag rate of the audit (default: the index's calibration)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 

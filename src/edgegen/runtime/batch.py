@@ -93,7 +93,10 @@ class Stage(Protocol):
     ``__call__(images, indices, labels)`` gets (N, H, W, C) uint8 images and returns the
     (possibly modified) images, one dict per image merged into its manifest record, and a
     boolean (N,) mask of images to keep (False: the image is recorded but not written).
-    ``identity()`` is recorded in ``run.json``; it must never contain secrets.
+    ``identity()`` is recorded in ``run.json``; it must never contain secrets. Two optional
+    methods, called by the engine's driver: ``check_model(meta, where)`` before anything is
+    written (raise :class:`EdgegenError` to refuse the model), and ``finish(out)`` once every
+    shard is committed (run-level outputs such as the audit summary, written atomically).
     """
 
     def identity(self) -> dict: ...

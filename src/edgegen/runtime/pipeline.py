@@ -85,6 +85,10 @@ def run_generate(model: str | os.PathLike, out: str | os.PathLike, n: int, seed:
     out = Path(out)
     gen = Generator.load(model, threads=threads, mode="batch")
     plan = make_plan(gen, n, seed, cls, fmt, batch_size, shard_size, stages)
+    for stage in stages:                        # optional hook: refuse a model the stage cannot serve
+        check = getattr(stage, "check_model", None)
+        if check is not None:
+            check(gen.meta, where=str(model))
     prepare_folder(out, plan)
     clean_temp_files(out)
     manifest = Manifest(out, plan)
@@ -107,6 +111,14 @@ def run_generate(model: str | os.PathLike, out: str | os.PathLike, n: int, seed:
     finally:
         bar.close()
         manifest.close()
+    for stage in stages:                        # optional hook: run-level outputs once every shard is in
+        finish = getattr(stage, "finish", None)
+        if finish is not None:
+            try:
+                finish(out)
+            except OSError as e:
+                raise EdgegenError(os_error_message(e, f"{out}: cannot write the {stage!r} summary") +
+                                   "; the images and manifest are complete — rerun the same command") from None
     return GenerateResult(out, plan.n, manifest.images_done - resumed, resumed, time.perf_counter() - t0)
 
 

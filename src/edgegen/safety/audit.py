@@ -59,6 +59,7 @@ class AuditResult:
     hamming: int          # pHash bits between that view and the training image (-1 when blank)
     rms: float            # plain RMS pixel distance of the best pair
     rms_blur: float       # blurred RMS pixel distance of the best pair
+    cell: int = -1        # k-means cell of the data-copying test (-1: index without cells)
 
     def to_dict(self) -> dict:
         """JSON-ready fields (inf -> None)."""
@@ -242,6 +243,7 @@ class Auditor:
         score = np.where(part["blank"], np.inf, score)
         self._scores.append(score.astype(np.float32))
         self._cells.append(part["cells"])
+        cells = part["cells"]
         out = []
         for i in range(len(score)):
             blank = bool(part["blank"][i])
@@ -249,8 +251,29 @@ class Auditor:
                 flagged=bool(not blank and score[i] < self.threshold), blank=blank, score=float(score[i]),
                 nearest_id=-1 if blank else int(ids[i]), view="" if blank else VIEW_NAMES[best[i] // k],
                 hamming=-1 if blank else int(bits[i]), rms=math.inf if blank else float(plain[i]),
-                rms_blur=math.inf if blank else float(blur[i])))
+                rms_blur=math.inf if blank else float(blur[i]),
+                cell=-1 if cells is None else int(cells[i])))
         return out
+
+    def add_scores(self, scores: np.ndarray, cells: np.ndarray, blank: np.ndarray) -> None:
+        """Count already-audited images into this run's statistics without auditing them again.
+
+        For runs audited piecewise elsewhere (``edgegen generate --audit`` records each image's
+        ``score``, ``cell`` and ``blank`` in its manifest; a resumed or Ray run sums them up at the
+        end): ``scores`` (N,) as :attr:`AuditResult.score`, ``cells`` (N,) as :attr:`AuditResult.cell`,
+        ``blank`` (N,) bool. Flags are recomputed with this auditor's threshold, exactly as
+        :meth:`audit` decides them; no example images are kept.
+        """
+        scores = np.asarray(scores, np.float64)
+        blank = np.asarray(blank, bool)
+        if not (len(scores) == len(cells) == len(blank)):
+            raise EdgegenError("add_scores: scores, cells and blank must have the same length")
+        scores = np.where(blank, np.inf, scores)
+        self._scores.append(scores.astype(np.float32))
+        self._cells.append(np.asarray(cells, np.int64))
+        self._n += len(scores)
+        self._flagged += int(np.sum(~blank & (scores < self.threshold)))
+        self._blank += int(blank.sum())
 
     def scores(self) -> np.ndarray:
         """Scores (N,) of every image audited so far (inf for blank ones)."""
