@@ -67,13 +67,17 @@ def run_size(wm: Watermarker, size: int, n: int, payloads: np.ndarray) -> dict:
 
 
 def speed(wm: Watermarker, size: int = 32, n: int = 4000) -> tuple[float, float]:
+    """Best of 3 timed runs (the 2 cores are shared, so single runs vary by up to 2x)."""
     x = load_dataset("fashion-mnist", split="test", size=size, channels=1).images[:n, :, :, 0]
-    t0 = time.perf_counter()
-    m = wm.embed(x, 7)
-    t1 = time.perf_counter()
-    wm.detect(m)
-    t2 = time.perf_counter()
-    return n / (t1 - t0), n / (t2 - t1)
+    te = td = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        m = wm.embed(x, 7)
+        t1 = time.perf_counter()
+        wm.detect(m)
+        t2 = time.perf_counter()
+        te, td = min(te, t1 - t0), min(td, t2 - t1)
+    return n / te, n / td
 
 
 def null_check(wm: Watermarker, null_n: int) -> dict:
@@ -179,8 +183,14 @@ def main() -> None:
         f"(Binomial({null['bits']}, ½): {null['bits'] / 2}), variance {null['k_var']:.3f} ({null['bits'] / 4}); "
         f"χ² = {null['chi2']:.1f} on {null['dof']} d.o.f., p = {null['chi2_p']:.3f}.",
         "",
-        f"Speed at 32×32 (one process, numpy on 2 cores): embed {emb:,.0f} images/s, detect {det:,.0f} images/s, "
+        f"Speed at 32×32 (one process, numpy on 2 shared cores, best of 3 runs of 4,000 images): embed {emb:,.0f} images/s, detect {det:,.0f} images/s, "
         f"embed + detect {1 / (1 / emb + 1 / det):,.0f} images/s (target ≥ 5,000).",
+        "",
+        "Tried and not kept: a brightness/contrast-invariant feature (the luma clamped to 24..231, so what "
+        "those attacks clip does not matter) with the mark confined to pixels inside that range by a weighted "
+        "least-norm solve. On Fashion-MNIST only 20-35 % of a 32 px image is inside the range, and 63 smooth "
+        "global patterns restricted to it are badly conditioned: the same mark cost 2-5x the amplitude (PSNR "
+        "21-30 dB), so brightness −20 and contrast ×1.2 stay misses of this global low-frequency design.",
         "",
         "The PSNR-needed column is a rough extrapolation (the Chernoff exponent scales about linearly "
         "with mark energy at low SNR); '—' where the median image already passes.",
