@@ -269,6 +269,12 @@ def evaluate_target(target: str, n: int = 10_000, seed: int = 0, data: str = "fa
     if n < 10:
         raise EdgegenError(f"-n must be at least 10, got {n}")
     images, labels, _ = _sample_images(path, n, seed, label)
+    return evaluate_images(images, labels, data=data, classifier=classifier, seed=seed)
+
+
+def evaluate_images(images: np.ndarray, labels: np.ndarray | None = None, data: str = "fashion-mnist",
+                    classifier: str | None = None, seed: int = 0) -> QualityReport:
+    """The fixed protocol on uint8 (N, H, W, C) images: against ``data``'s test split, with the floor."""
     net = load_classifier(classifier)
     test = load_dataset(data, "test")
     # The floor uses as many real images as there are samples: FCD and P/R depend on n.
