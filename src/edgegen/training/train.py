@@ -436,18 +436,14 @@ def _has_test_split(data: str) -> bool:
 class _QualityProbe:
     """Checkpoint-time quality: FCD of samples vs test images (GAN/VAE), test accuracy (classifier)."""
 
-    def __init__(self, opts: TrainOptions, test: ImageDataset | None, evaluator):
-        self.opts, self.test, self.evaluator = opts, test, evaluator
+    def __init__(self, opts: TrainOptions, test: ImageDataset | None, data_name: str):
+        self.opts, self.test, self.data_name, self.evaluator = opts, test, data_name, None
 
     @classmethod
     def create(cls, opts: TrainOptions, data: ImageDataset) -> "_QualityProbe":
         test = load_dataset(opts.data, "test", size=opts.size, channels=data.image_shape[2]) \
             if _has_test_split(opts.data) else None
-        evaluator = None
-        if opts.kind != "classifier" and test is not None:
-            from edgegen.training.evaluate import Evaluator
-            evaluator = Evaluator.for_data(data.name, test.subset(opts.quality_samples, seed=1))
-        return cls(opts, test, evaluator)
+        return cls(opts, test, data.name)
 
     @torch.no_grad()
     def measure(self, task, model: nn.Module) -> dict:
@@ -457,6 +453,9 @@ class _QualityProbe:
             x = _to_float(torch.from_numpy(self.test.images))
             pred = torch.cat([model(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
             return {"accuracy": float((pred.numpy() == self.test.labels).mean())}
+        if self.evaluator is None:  # looked up at each checkpoint: a classifier may be bundled meanwhile
+            from edgegen.training.evaluate import Evaluator
+            self.evaluator = Evaluator.for_data(self.data_name, self.test.subset(self.opts.quality_samples, seed=1))
         if self.evaluator is None:
             return {}
         n = self.opts.quality_samples
