@@ -121,6 +121,18 @@ def test_stage_flags_training_images_and_drops_them(index_path, train, fmnist_te
     assert keep_flag.all()
 
 
+def test_stage_pickles_like_ray_ships_it(index_path, train):
+    """Ray sends stages to actors by pickle: the copy reloads the index and gives the same records."""
+    import pickle
+
+    stage = AuditStage(index_path, on_copy="drop")
+    imgs = train[[5, 6, 7]]
+    clone = pickle.loads(pickle.dumps(stage))
+    assert clone._index is None and clone.identity() == stage.identity()
+    a, b = stage(imgs, np.arange(3), None), clone(imgs, np.arange(3), None)
+    assert a[1] == b[1] and (a[2] == b[2]).all() and not b[2].any()
+
+
 def test_audit_after_watermark_still_finds_copies(index_path, train):
     """CLI order: watermark, then audit, so the verdict is about the written (marked) pixels."""
     pytest.importorskip("edgegen.safety.watermark")

@@ -39,7 +39,7 @@ from scipy.cluster.vq import kmeans2
 from edgegen.errors import EdgegenError
 from edgegen.safety.index import SETTINGS, HashIndex
 from edgegen.safety.phash import is_flat, phash_batch
-from edgegen.safety.pixels import VIEW_NAMES, features, rms_to_candidates, view
+from edgegen.safety.pixels import FEATURE_SCALE, VIEW_NAMES, features, quantize_features, rms_to_candidates, view
 
 CELLS = 10            # k-means cells of the data-copying test
 MIN_PER_CELL = 20     # cells with fewer generated or held-out images are left out of C_T
@@ -70,16 +70,15 @@ class AuditResult:
 # ----------------------------------------------------------------------------- shared matching
 
 
-def _train_features(index: HashIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Plain and blurred training features (float16, (N, F)) and their squared norms, cached."""
+def _train_features(index: HashIndex) -> tuple[np.ndarray, np.ndarray]:
+    """Plain and blurred training features as int16 (N, F) (:func:`quantize_features`), cached."""
     cache = getattr(index, "_feature_cache", None)
     if cache is None:
         pixels = index.train_pixels()
         out = []
         for blur in (False, True):
-            f = np.concatenate([features(pixels[s:s + 8192], blur) for s in range(0, len(pixels), 8192)])
-            f16 = f.astype(np.float16)                      # halves memory; 0.1-grey-level precision
-            out += [f16, (f16.astype(np.float32) ** 2).sum(axis=1)]
+            out.append(np.concatenate([quantize_features(features(pixels[s:s + 8192], blur))
+                                       for s in range(0, len(pixels), 8192)]))
         cache = index._feature_cache = tuple(out)
     return cache  # type: ignore[return-value]
 
@@ -100,18 +99,21 @@ def _check_images(index: HashIndex, images: np.ndarray) -> np.ndarray:
 def _match_chunk(index: HashIndex, images: np.ndarray) -> dict[str, np.ndarray]:
     """Stage 1 + 2 for (n, H, W, C) images: per (view x candidate) pair, plain/blur RMS, id, bits."""
     k = SETTINGS["candidates_per_view"]
-    fp, fp_sq, fb, fb_sq = _train_features(index)
-    _, std = phash_batch(images, return_std=True)
+    fp, fb = _train_features(index)
+    as_is_hash, std = phash_batch(images, return_std=True)
     plain, blur, ids, bits = [], [], [], []
+    as_is_blur = None
     for name in VIEW_NAMES:
         v = view(images, name)
-        dist, cand = index.knn(phash_batch(v), k)              # (n, k) stage-1 candidates
-        plain.append(rms_to_candidates(features(v, False), fp, fp_sq, cand))
-        blur.append(rms_to_candidates(features(v, True), fb, fb_sq, cand))
+        dist, cand = index.knn(as_is_hash if name == "as-is" else phash_batch(v), k)  # (n, k) candidates
+        fv = features(v, True)
+        as_is_blur = fv if name == "as-is" else as_is_blur
+        plain.append(rms_to_candidates(features(v, False), fp, cand))
+        blur.append(rms_to_candidates(fv, fb, cand))
         ids.append(cand)
         bits.append(dist)
     cat = lambda xs: np.concatenate(xs, axis=1)  # noqa: E731 - (n, views * k)
-    cells = np.argmin(_cell_distances(index, features(images, True)), axis=1) if "centroids" in index.arrays else None
+    cells = np.argmin(_cell_distances(index, as_is_blur), axis=1) if "centroids" in index.arrays else None
     return {"blank": is_flat(std), "plain": cat(plain), "blur": cat(blur), "ids": cat(ids),
             "bits": cat(bits), "cells": cells}
 
@@ -148,10 +150,9 @@ def calibrate(index: HashIndex, heldout: np.ndarray, fpr: float = 0.01, heldout_
     if len(heldout) < 100:
         raise EdgegenError(f"calibration needs at least 100 held-out images, got {len(heldout)}")
     # Data-copying cells: k-means on blurred training features (a 10,000-image subset is plenty).
-    _, _, _, _ = _train_features(index)
-    fb = index._feature_cache[2]
+    fb = _train_features(index)[1]
     rng = np.random.default_rng(seed)
-    sub = fb[rng.choice(len(fb), min(len(fb), 10_000), replace=False)].astype(np.float32)
+    sub = fb[rng.choice(len(fb), min(len(fb), 10_000), replace=False)].astype(np.float32) / FEATURE_SCALE
     centroids, _ = kmeans2(sub, min(CELLS, len(sub)), seed=seed, minit="++")
     index.arrays["centroids"] = centroids.astype(np.float32)
 

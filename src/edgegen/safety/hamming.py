@@ -52,6 +52,7 @@ def _distances(qi: np.uint64, db: np.ndarray, buf: np.ndarray) -> np.uint8:
 _ONES = np.uint64(0x0101010101010101)
 _HIGH = np.uint64(0x8080808080808080)
 _PAD = 127
+_JUMP = 3     # k-NN: first threshold tried, in bits above the nearest distance
 
 
 @njit(nogil=True, cache=True)
@@ -98,10 +99,21 @@ def _knn_kernel(q: np.ndarray, db: np.ndarray, k: int, out_d: np.ndarray, out_i:
     cand_d = np.empty(n, np.int32)
     cand_i = np.empty(n, np.int64)
     for i in range(q.shape[0]):
-        t = _distances(q[i], db, buf)
-        # smallest t with #(d <= t) >= k (or 64: everything); usually a step or two
-        while k > 1 and t < 64 and _count_within(buf, t) < k:
+        lo = _distances(q[i], db, buf)
+        # Any t with #(d <= t) >= k gives the exact answer (collect, stable-sort, keep k); the
+        # k-th distance is typically ~3 bits above the minimum, so start there instead of
+        # stepping up from the minimum one count pass at a time, and step back down only while
+        # the collection would be needlessly large (> 8k hits, e.g. many equal hashes).
+        t = np.uint8(min(lo + _JUMP, 64)) if k > 1 else lo
+        c = _count_within(buf, t)
+        while c < k and t < 64:
             t = np.uint8(t + 1)
+            c = _count_within(buf, t)
+        while t > lo and c > 8 * k:
+            c_down = _count_within(buf, np.uint8(t - 1))
+            if c_down < k:
+                break
+            t, c = np.uint8(t - 1), c_down
         m = _collect_within(buf, t, cand_d, cand_i)
         for r in range(k):
             if r < m:
