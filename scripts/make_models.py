@@ -37,7 +37,7 @@ CLASSIFIER_RECIPE = dict(kind="classifier", data="fashion-mnist", epochs=3.0, ba
 RECIPES: dict[str, dict] = {
     "gan": dict(kind="gan", conditional=False, epochs=2.5, batch_size=64, seed=0, width=24),
     "conditional": dict(kind="gan", conditional=True, epochs=2.5, batch_size=64, seed=0, width=24),
-    "vae": dict(kind="vae", conditional=False, epochs=8.0, batch_size=128, seed=0, width=24, lr=2e-3),
+    "vae": dict(kind="vae", conditional=False, epochs=5.0, batch_size=128, seed=0, width=24, lr=2e-3),
 }
 
 

@@ -81,3 +81,19 @@ def test_eval_cli_on_image_folder(tmp_path, fmnist_test, capsys):
 def test_eval_cli_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "no such run, model or folder" in capsys.readouterr().err
+
+
+def test_eval_cli_on_run_and_exported_model(tmp_path, small_idx_dir, capsys):
+    """`edgegen eval` takes a run folder and its ONNX export alike, and they agree (same latents)."""
+    from edgegen.training.train import TrainOptions, train
+
+    run = train(TrainOptions(kind="gan", data=str(small_idx_dir), out=str(tmp_path / "run"), epochs=0.0625,
+                             batch_size=32, width=8, latent_dim=16, progress=False)).parent
+    assert main(["export", str(run), "--out", str(tmp_path / "g.onnx")]) == 0
+    capsys.readouterr()
+    for target, name in ((run, "run.json"), (tmp_path / "g.onnx", "onnx.json")):
+        assert main(["eval", str(target), "-n", "200", "--json", str(tmp_path / name)]) == 0
+    import json
+
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("run.json", "onnx.json"))
+    assert a["n"] == b["n"] == 200 and a["fcd"] > 0 and b["fcd"] > 0

@@ -31,7 +31,7 @@ def _metrics(run: Path) -> list[dict]:
 def test_gan_run_folder_is_complete(tmp_path, small_idx_dir):
     last = train(_opts(tmp_path, small_idx_dir, conditional=True))
     run = last.parent
-    for name in ("last.pt", "last.json", "best.pt", "config.json", "metrics.jsonl"):
+    for name in ("last.pt", "last.json", "best.pt", "config.json", "metrics.jsonl", "train.idx"):
         assert (run / name).is_file(), name
     assert list((run / "samples").glob("step_*.png"))
     state = load_checkpoint(last)
@@ -41,6 +41,9 @@ def test_gan_run_folder_is_complete(tmp_path, small_idx_dir):
     assert loaded.kind == "gan" and not loaded.model.training
     x = loaded.model(torch.randn(2, 16), torch.tensor([1, 2]))
     assert x.shape == (2, 1, 32, 32)
+    from edgegen.safety.index import HashIndex
+
+    assert len(HashIndex.load(run / "train.idx")) == 512  # the audit's index of exactly the training set
 
 
 def test_vae_loss_falls_and_expost_is_fitted(tmp_path, small_idx_dir):

@@ -88,9 +88,7 @@ def _model_arg(value: str | None):
 
 def _generate_stages(args: argparse.Namespace, model) -> tuple:
     """Watermark stage from --key / $EDGEGEN_WATERMARK_KEY (required unless --no-watermark)."""
-    import importlib.util
-
-    if args.no_watermark or importlib.util.find_spec("edgegen.safety.watermark") is None:
+    if args.no_watermark:
         if args.key:
             raise EdgegenError("--key given but --no-watermark asks for no mark")
         return ()
@@ -144,9 +142,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- watermark
-
-
 def _cmd_models(args: argparse.Namespace) -> int:
     from edgegen.runtime.catalogue import bundled_models
 
@@ -156,6 +151,25 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for m in models:
         print(m.summary())
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgegen.fileio import write_json_atomic
+    from edgegen.runtime.bench import format_table, run_bench
+
+    model = _model_arg(args.model)
+    res = run_bench(model, torch_run=args.torch, threads=args.threads, seconds=args.seconds,
+                    fp32=args.fp32, int8=args.int8, fp16=args.fp16)
+    m = res["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), onnxruntime {m['onnxruntime']}, "
+          f"{res['threads']} threads")
+    print(format_table(res))
+    if args.json:
+        write_json_atomic(args.json, res)
+    return 0
+
+
+# ----------------------------------------------------------------------------- watermark
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -177,22 +191,6 @@ def _cmd_watermark_detect(args: argparse.Namespace) -> int:
     from edgegen.safety.wmfiles import detect_files
 
     return detect_files(args.images, key_path=args.key, threshold=args.threshold)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from edgegen.fileio import write_json_atomic
-    from edgegen.runtime.bench import format_table, run_bench
-
-    model = _model_arg(args.model)
-    res = run_bench(model, torch_run=args.torch, threads=args.threads, seconds=args.seconds,
-                    fp32=args.fp32, int8=args.int8, fp16=args.fp16)
-    m = res["machine"]
-    print(f"{m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), onnxruntime {m['onnxruntime']}, "
-          f"{res['threads']} threads")
-    print(format_table(res))
-    if args.json:
-        write_json_atomic(args.json, res)
-    return 0
 
 
 # ----------------------------------------------------------------------------- memorization audit
