@@ -15,22 +15,18 @@ Run: ``python benchmarks/audit_benchmark.py [--planted 1000] [--no-write]``.
 from __future__ import annotations
 
 import argparse
-import platform
-import re
-import subprocess
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 
+from docs_section import DOC, machine, write_section
 from edgegen.safety.audit import Auditor
 from edgegen.safety.index import build_index
 from edgegen.safety.phash import phash_batch
 from edgegen.safety.pixels import shift
 from edgegen.training.data import fit_images, load_dataset
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def _jpeg(x: np.ndarray, q: int) -> np.ndarray:
@@ -58,13 +54,6 @@ def transforms(rng: np.random.Generator) -> dict:
         "1-pixel shift": (_shift1, 0.95),
         "horizontal flip": (lambda x: np.ascontiguousarray(x[:, :, ::-1]), 0.95),
     }
-
-
-def machine() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if ln.startswith("Model name")), "?")
-    import os
-    return f"{model}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}"
 
 
 def main() -> None:
@@ -139,7 +128,6 @@ def main() -> None:
     ]
     cal = index.calibration
     section = "\n".join([
-        "<!-- audit:start -->",
         "## Memorization audit (pHash index + calibrated confirmation)",
         "",
         f"Machine: {machine()}. Produced by `python benchmarks/audit_benchmark.py` "
@@ -155,14 +143,10 @@ def main() -> None:
         "Timings are wall clock on a machine shared with other jobs, so they vary from run to run; the "
         "CPU time of the end-to-end row is what the audit itself consumed (two cores' worth of wall "
         "time is the most it can use).",
-        "<!-- audit:end -->",
     ])
     print(section)
     if not args.no_write:
-        text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-        pat = re.compile(r"<!-- audit:start -->.*?<!-- audit:end -->", re.S)
-        text = pat.sub(lambda _: section, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-        DOC.write_text(text)
+        write_section("audit", section)
         print(f"wrote {DOC}")
 
 

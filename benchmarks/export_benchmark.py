@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from docs_section import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- export:start -->", "<!-- export:end -->"
 THREADS = 2
 GHZ, CORES = 2.1, 2          # lscpu: 2 vCPUs at 2.1 GHz (AVX-512 VNNI, AMX-int8)
 VNNI_MACS_CYCLE = 128        # vpdpbusd: 64 u8*s8 MACs per instruction, 2 FMA ports
@@ -135,7 +136,6 @@ def section(r: dict) -> str:
                                                             ("onnxruntime int8 (QDQ)", "int8"),
                                                             ("onnxruntime fp16 weights", "fp16"))]
     lines = [
-        START,
         "## Export and quantization",
         "",
         f"Default 32x32 GAN (`GANConfig()`: nearest-resize + Conv3x3 up-blocks, width 32, "
@@ -175,20 +175,8 @@ def section(r: dict) -> str:
         ]
     lines += ["", "<details><summary>raw figures</summary>", "", "```json",
               json.dumps({k: v for k, v in r.items() if k != "gates_int8"}, indent=1, default=float), "```",
-              "", "</details>", END]
+              "", "</details>"]
     return "\n".join(lines)
-
-
-def write_section(doc: Path, text: str) -> None:
-    """Replace the export section of ``doc`` (create the file or append the section if absent)."""
-    from edgegen.fileio import write_bytes_atomic
-
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    write_bytes_atomic(doc, new.encode())
 
 
 def main() -> int:
@@ -202,7 +190,7 @@ def main() -> int:
         res = measure(Path(tmp), levers=not args.no_levers)
     text = section(res)
     print(text)
-    write_section(Path(args.doc), text)
+    write_section("export", text, Path(args.doc))
     return 0
 
 

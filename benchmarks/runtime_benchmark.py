@@ -19,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from docs_section import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- runtime:start -->", "<!-- runtime:end -->"
 
 
 def build_default_models(work: Path) -> tuple[Path, Path]:
@@ -64,7 +65,6 @@ def section(res: dict, e2e: dict, bare: dict, table: str, source: str) -> str:
     m = res["machine"]
     ratio = e2e["images_per_s"] / bare["images_per_s"]
     return "\n".join([
-        START,
         "## Runtime: inference speed, cold start, end-to-end generation",
         "",
         f"Machine: {m['cpu']}, {m['cores']} usable cores ({', '.join(m['isa'])}); onnxruntime {m['onnxruntime']}, "
@@ -78,21 +78,7 @@ def section(res: dict, e2e: dict, bare: dict, table: str, source: str) -> str:
         f"atomic writes included): **{e2e['images_per_s']:,.0f} images/s** vs bare int8 inference at the same "
         f"batch {bare['images_per_s']:,.0f} images/s = **{100 * ratio:.0f} %** (target ≥ 70 %: "
         f"{'met' if ratio >= 0.7 else 'missed'}).",
-        END,
     ])
-
-
-def write_section(doc: Path, text: str) -> None:
-    """Replace the runtime section of ``doc`` (create the file or append the section if absent)."""
-    from edgegen.fileio import write_bytes_atomic
-
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(doc, new.encode())
 
 
 def main() -> int:
@@ -126,7 +112,7 @@ def main() -> int:
     table = format_table(res)
     print(table)
     text = section(res, e2e, bare, table, source)
-    write_section(Path(args.doc), text)
+    write_section("runtime", text, Path(args.doc))
     if args.json:
         Path(args.json).write_text(json.dumps({"bench": res, "generate": e2e, "bare": bare}, indent=2))
     print(f"e2e {e2e['images_per_s']:.0f} img/s vs bare {bare['images_per_s']:.0f} img/s; wrote {args.doc}")

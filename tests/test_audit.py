@@ -18,7 +18,7 @@ from edgegen.errors import EdgegenError
 from edgegen.safety.audit import Auditor, data_copying_test
 from edgegen.safety.index import HashIndex, build_index
 from edgegen.safety.pixels import shift
-from edgegen.safety.report import render_html, report_dict
+from edgegen.safety.report import render_html
 
 
 @pytest.fixture(scope="module")
