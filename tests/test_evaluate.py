@@ -69,10 +69,12 @@ def test_blurred_images_score_between(evaluator):
     assert evaluator.fcd(real) < evaluator.fcd(blurred)
 
 
-def test_eval_cli_on_image_folder(tmp_path, fmnist_test, capsys):
+def test_eval_cli_on_image_folder(tmp_path, fmnist_test, small_idx_dir, capsys):
     for i in range(60):
         cv2.imwrite(str(tmp_path / f"{i}.png"), fmnist_test.images[i])
-    assert main(["eval", str(tmp_path), "-n", "60", "--json", str(tmp_path / "q.json")]) == 0
+    # --data: a small real Fashion-MNIST subset as the reference keeps the test fast
+    assert main(["eval", str(tmp_path), "-n", "60", "--data", str(small_idx_dir), "--json",
+                 str(tmp_path / "q.json")]) == 0
     out = capsys.readouterr().out
     assert "fcd" in out and "real-vs-real" in out
     assert (tmp_path / "q.json").is_file()
@@ -84,7 +86,7 @@ def test_eval_cli_errors(tmp_path, capsys):
 
 
 def test_eval_cli_on_run_and_exported_model(tmp_path, small_idx_dir, capsys):
-    """`edgegen eval` takes a run folder and its ONNX export alike, and they agree (same latents)."""
+    """`edgegen eval` takes a run folder and its ONNX export alike; the same model scores alike."""
     from edgegen.training.train import TrainOptions, train
 
     run = train(TrainOptions(kind="gan", data=str(small_idx_dir), out=str(tmp_path / "run"), epochs=0.0625,
@@ -92,8 +94,12 @@ def test_eval_cli_on_run_and_exported_model(tmp_path, small_idx_dir, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "g.onnx")]) == 0
     capsys.readouterr()
     for target, name in ((run, "run.json"), (tmp_path / "g.onnx", "onnx.json")):
-        assert main(["eval", str(target), "-n", "200", "--json", str(tmp_path / name)]) == 0
+        assert main(["eval", str(target), "-n", "200", "--data", str(small_idx_dir),
+                     "--json", str(tmp_path / name)]) == 0
     import json
 
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("run.json", "onnx.json"))
-    assert a["n"] == b["n"] == 200 and a["fcd"] > 0 and b["fcd"] > 0
+    assert a["n"] == b["n"] == 200
+    # Different latent draws (torch vs the runtime's counter-based latents) of one model: close figures.
+    assert abs(a["fcd"] - b["fcd"]) < 0.25 * max(a["fcd"], b["fcd"])
+    assert abs(a["min_class_fraction"] - b["min_class_fraction"]) < 0.05
