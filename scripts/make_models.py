@@ -35,8 +35,8 @@ IMG = ROOT / "docs" / "img"
 # The recipe. Epochs, not minutes, so a rerun reproduces the same weights on the same machine kind.
 CLASSIFIER_RECIPE = dict(kind="classifier", data="fashion-mnist", epochs=3.0, batch_size=128, seed=0)
 RECIPES: dict[str, dict] = {
-    "gan": dict(kind="gan", conditional=False, epochs=2.5, batch_size=64, seed=0, width=24),
-    "conditional": dict(kind="gan", conditional=True, epochs=2.5, batch_size=64, seed=0, width=24),
+    "gan": dict(kind="gan", conditional=False, epochs=2.0, batch_size=64, seed=0, width=24),
+    "conditional": dict(kind="gan", conditional=True, epochs=2.0, batch_size=64, seed=0, width=24),
     "vae": dict(kind="vae", conditional=False, epochs=5.0, batch_size=128, seed=0, width=24, lr=2e-3),
 }
 
@@ -62,7 +62,10 @@ def build(name: str, recipe: dict, runs: Path, device: str | None, n_eval: int) 
 
     fp32, int8 = runs / f"{name}.onnx", runs / f"{name}.int8.onnx"
     export_run(run, fp32)
-    meta = quantize_model(fp32, int8, mode="int8")
+    # force: the int8 files ship even when a gate fails (measured: trained GANs keep ~45 dB median PSNR
+    # but only ~92 % of pixels within 2/255); the failed gate stays recorded in the file's metadata
+    # and in models.json, and is reported in docs/benchmarks.md.
+    meta = quantize_model(fp32, int8, mode="int8", force=True)
     figures = {}
     for variant, path in (("fp32", fp32), ("int8", int8)):
         report = evaluate_target(str(path), n=n_eval, seed=0)
@@ -146,9 +149,10 @@ def quality_section(catalogue: dict) -> str:
         q = rec["quality"]
         change = (q["int8"]["fcd"] - q["fp32"]["fcd"]) / q["fp32"]["fcd"] * 100
         g = rec["gates"]
+        verdict = "all gates passed" if g.get("passed") else f"gates failed: {'; '.join(g.get('failed', []))}"
         lines.append(f"- **{name}**: int8 vs fp32: FCD change {change:+.1f} % (target ≤ 5 %), median PSNR "
                      f"{g.get('psnr_median_db')} dB (≥ 35), {100 * g.get('within_2_frac', 0):.2f} % of pixels within "
-                     f"2/255; int8 file {rec['size_bytes']['int8'] / 1e3:.0f} kB (fp32 "
+                     f"2/255 (≥ 99 %) — {verdict}; int8 file {rec['size_bytes']['int8'] / 1e3:.0f} kB (fp32 "
                      f"{rec['size_bytes']['fp32'] / 1e3:.0f} kB)."
                      + (f" VAE test −ELBO {q['test_neg_elbo']:.1f} nats/image; prior sampling FCD "
                         f"{q['fp32_prior']['fcd']:.3f} vs ex-post {q['fp32']['fcd']:.3f}." if "fp32_prior" in q else ""))
