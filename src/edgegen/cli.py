@@ -66,7 +66,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     meta = quantize_model(args.model, args.out, mode=args.mode, force=args.force)
     g = meta.extra.get("gates", {})
-    print(f"wrote {args.out}: {meta.quantization}, " + ", ".join(f"{k} {v}" for k, v in g.get("summary", {}).items()))
+    figures = [f"median PSNR {g['psnr_median_db']:.1f} dB", f"{100 * g['within_2_frac']:.2f} % of pixels within 2/255"]
+    if "fcd_change_rel" in g:
+        figures.append(f"FCD change {100 * g['fcd_change_rel']:+.1f} %")
+    if "int8_img_s_b64" in g:
+        figures.append(f"{g['int8_img_s_b64']:.0f} vs {g['fp32_img_s_b64']:.0f} img/s fp32 at batch 64")
+    figures.append(f"{g['size_ratio_vs_fp32']:.2f}x smaller")
+    verdict = "gates passed" if g.get("passed") else "GATES FAILED (kept by --force): " + "; ".join(g.get("failed", []))
+    print(f"wrote {args.out}: {meta.quantization}; {', '.join(figures)}; {verdict}")
     return 0
 
 

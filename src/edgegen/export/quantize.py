@@ -25,6 +25,7 @@ within 2/255, FCD change <= 5 % when measurable, faster than fp32 at batch 64; f
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import replace
@@ -164,6 +165,8 @@ def _int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray | None,
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         onnx.save(model, src)
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR   # onnxruntime logs a pre-processing hint as a warning
         try:
             quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -172,6 +175,8 @@ def _int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray | None,
                                            "TensorQuantOverrides": overrides})
         except Exception as e:
             raise EdgegenError(f"int8 quantization failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        finally:
+            root.setLevel(level)
         qmodel = onnx.load(dst)
     del qmodel.metadata_props[:]                                          # restamped by the caller
     onnx_io.strip_debug_info(qmodel)
