@@ -228,6 +228,11 @@ def test_cli_audit_drop_summary_and_bad_input(model, index_path, other_index, tm
     assert len(recs) == 20 and all("audit" in r for r in recs)
     assert json.loads((out / AUDIT_SUMMARY).read_text())["images"] == 20
     assert main(args) == 0                                      # rerun: nothing to do, same summary
+    # The output folder audits as it is: its manifest / run / summary files are not taken for images.
+    kept = sum(1 for r in recs if r.get("file"))
+    assert main(["audit", str(out), "--index", str(index_path), "--report", str(tmp_path / "a.html"),
+                 "--json", str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["summary"]["images"] == kept
     assert main(["generate", str(model), "-n", "4", "--out", str(tmp_path / "z"), "--no-watermark",
                  "--on-copy", "drop"]) == 2
     assert "need --audit" in capsys.readouterr().err

@@ -16,9 +16,13 @@ import cv2
 import numpy as np
 
 from edgegen.errors import EdgegenError
+from edgegen.runtime.manifest import MANIFEST, RUN_FILE
+from edgegen.runtime.stages import AUDIT_SUMMARY
 from edgegen.safety.index import HashIndex
+from edgegen.training.data import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+# The bookkeeping `edgegen generate` writes beside its images: not images, not errors.
+GENERATE_FILES = {MANIFEST, RUN_FILE, AUDIT_SUMMARY}
 
 
 def read_folder(folder: str | os.PathLike, shape: tuple[int, int, int], skip_bad: bool = False
@@ -26,14 +30,16 @@ def read_folder(folder: str | os.PathLike, shape: tuple[int, int, int], skip_bad
     """Every image file under ``folder`` (sorted, recursive) as (names, (N, H, W, C) uint8, skipped).
 
     Images must have the index's (H, W); colour is converted to its channel count. Non-image or
-    unreadable files stop the read with an error naming them, unless ``skip_bad``.
+    unreadable files stop the read with an error naming them, unless ``skip_bad``; the manifest and
+    run files of an ``edgegen generate`` folder are passed over, so its output audits as it is.
     """
     root = Path(folder)
     if not root.is_dir():
         raise EdgegenError(f"{root}: no such folder")
     h, w, c = shape
     names, images, skipped = [], [], []
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+                    and p.name not in GENERATE_FILES):
         img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE if c == 1 else cv2.IMREAD_COLOR) \
             if f.suffix.lower() in IMAGE_SUFFIXES else None
         if img is None:

@@ -19,8 +19,7 @@ from edgegen.errors import EdgegenError
 from edgegen.fileio import safe_join, write_bytes_atomic
 from edgegen.safety.keys import load_key
 from edgegen.safety.watermark import DEFAULT_THRESHOLD, Watermarker
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+from edgegen.training.data import IMAGE_SUFFIXES
 
 
 def read_image(path: Path) -> np.ndarray | None:
