@@ -122,3 +122,23 @@ def test_fit_images_rgb_to_gray_uses_luma():
     rgb[..., 1] = 200  # pure green
     gray = fit_images(rgb, 28, 1)
     assert gray.shape == (1, 28, 28, 1) and int(gray[0, 0, 0, 0]) == round(0.587 * 200)
+
+
+def test_atomic_write_permissions_and_no_partial_file(tmp_path):
+    """Outputs get the usual permissions (0600 only when private); a failed write leaves nothing."""
+    import os
+
+    from edgegen.fileio import atomic_write, write_bytes_atomic
+
+    write_bytes_atomic(tmp_path / "out.bin", b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+    with atomic_write(tmp_path / "secret", private=True) as f:
+        f.write(b"k")
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / "half.bin") as f:
+            f.write(b"partial")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin", "secret"]

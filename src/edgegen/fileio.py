@@ -13,12 +13,17 @@ from typing import IO, Any, Iterator
 from edgegen.errors import EdgegenError
 
 
+_UMASK = os.umask(0o022)  # read the process umask once (at import, before any threads) ...
+os.umask(_UMASK)          # ... and put it back
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", private: bool = False) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync and rename it into place.
 
     Readers never see a half-written file: on any exception the temporary file is removed
-    and ``path`` keeps its previous content (or stays absent).
+    and ``path`` keeps its previous content (or stays absent). The file gets the usual
+    permissions (0666 less the umask), or 0600 when ``private`` (secret keys).
     """
     path = Path(path)
     if not path.parent.is_dir():
@@ -28,6 +33,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     except OSError as e:
         raise EdgegenError(f"{path}: cannot write here ({e.strerror})") from None
     try:
+        if not private:  # mkstemp creates 0600; outputs should be readable like any other file
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

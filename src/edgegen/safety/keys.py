@@ -62,7 +62,7 @@ def write_key(path: str | os.PathLike, key: bytes | None = None, overwrite: bool
     key = generate_key() if key is None else key
     if len(key) != KEY_BYTES:
         raise EdgegenError(f"a watermark key must be {KEY_BYTES} bytes, got {len(key)}")
-    with atomic_write(path, "w") as f:  # mkstemp creates the temporary file with mode 0600
+    with atomic_write(path, "w", private=True) as f:  # mode 0600
         f.write(key.hex() + "\n")
     return key
 
