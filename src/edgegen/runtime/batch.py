@@ -19,7 +19,6 @@ import cv2
 import numpy as np
 
 from edgegen.errors import EdgegenError
-from edgegen.fileio import safe_join
 from edgegen.runtime.generator import Generator
 
 FORMATS = ("png", "npz")
@@ -192,18 +191,29 @@ def write_files(out_dir: str | os.PathLike, files: list[tuple[str, bytes]]) -> N
     Per-file fsync would cap throughput at the disk's sync rate (~1,000/s); instead the
     manifest, written after these files, is fsynced, and a crash can at worst leave complete
     files of an uncommitted shard, which the resumed run rewrites with the same bytes.
-    ``OSError`` (disk full, permissions) propagates to the engine, which reports it.
+    Names must be plain file names (no folders, no ``..``), so nothing can land outside
+    ``out_dir``; files are written relative to one open folder handle, so the hot loop does no
+    path resolution. ``OSError`` (disk full, permissions) propagates to the engine, which reports it.
     """
-    for name, data in files:
-        path = safe_join(out_dir, name)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
+    for name, _ in files:
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise EdgegenError(f"{name!r}: not a plain file name; refusing to write outside {out_dir}")
+    dir_fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, data in files:
+            tmp = f".{name}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666, dir_fd=dir_fd)
             try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                except OSError:
+                    pass
+                raise
+    finally:
+        os.close(dir_fd)
+
+
