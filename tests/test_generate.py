@@ -301,3 +301,17 @@ def test_no_model_uses_bundled_default_or_says_why(tmp_path):
         assert "no bundled model named 'gan'" in res.stderr and not (tmp_path / "d").exists()
     else:  # the pretrained models have landed
         assert res.returncode == 0 and len(read_manifest(tmp_path / "d")) == 3
+
+
+def test_write_files_refuses_names_outside_the_folder(tmp_path):
+    """Shard files land only in the output folder: folder parts and '..' are refused before any write."""
+    from edgegen.errors import EdgegenError
+    from edgegen.runtime.batch import write_files
+
+    write_files(tmp_path, [("a.png", b"1"), ("b.png", b"2")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    for bad in ("../evil.png", "sub/x.png", "..", ""):
+        with pytest.raises(EdgegenError, match="not a plain file name"):
+            write_files(tmp_path, [("c.png", b"3"), (bad, b"x")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    assert not (tmp_path.parent / "evil.png").exists()
