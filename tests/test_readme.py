@@ -50,4 +50,5 @@ def test_quickstart_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "audit.html").is_file() and (out / "gan.int8.onnx").is_file()
     assert len(list((out / "samples").rglob("*.png"))) == 200
-    assert "watermark detected in 200 of 200 images" in r.stdout
+    found = int(re.search(r"watermark detected in (\d+) of 200 images", r.stdout).group(1))
+    assert found >= 196  # unattacked marks: >= 98 % detected at p <= 1e-6 (docs/benchmarks.md)
