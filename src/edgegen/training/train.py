@@ -326,7 +326,8 @@ def train(opts: TrainOptions) -> Path:
     torch.manual_seed(opts.seed)
     model_config = state["model_config"] if state else _model_config(opts, data)
     task = _make_task(opts.kind, model_config, opts, device, data)
-    quality = _QualityProbe.create(opts, data)
+    test = _test_split(opts, data)
+    quality = _QualityProbe(opts, test, data.name)
 
     step, elapsed, best, metrics = 0, 0.0, None, {}
     if state is not None:
@@ -337,8 +338,10 @@ def train(opts: TrainOptions) -> Path:
     else:
         (out / "config.json").write_text(json.dumps({"train": asdict(opts), "model": model_config,
                                                      "data": data_info}, indent=2))
-        if opts.kind != "classifier":
-            _build_hash_index(opts, data, out)
+        if opts.kind != "classifier":  # the training-set index the memorization audit needs
+            from edgegen.safety.index import build_index
+
+            build_index(data, test, out / "train.idx")
 
     images_u8 = torch.from_numpy(data.images)                         # (N, H, W, C) uint8, stays on CPU
     labels = torch.from_numpy(data.labels) if data.labels is not None else None
@@ -414,23 +417,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
         f.write("".join(line + "\n" for line in keep))
 
 
-def _build_hash_index(opts: TrainOptions, data: ImageDataset, out: Path) -> None:
-    """The training-set hash index the memorization audit needs (see edgegen.safety)."""
+def _test_split(opts: TrainOptions, data: ImageDataset) -> ImageDataset | None:
+    """The held-out split fitted like the training data (read once per run), or None when there is none."""
     try:
-        from edgegen.safety.index import build_index
-    except ImportError:  # safety layer not installed in this build
-        return
-    heldout = load_dataset(opts.data, "test", size=opts.size, channels=opts.channels) \
-        if _has_test_split(opts.data) else None
-    build_index(data, heldout, out / "train.idx")
-
-
-def _has_test_split(data: str) -> bool:
-    try:
-        load_dataset(data, "test")
-        return True
+        return load_dataset(opts.data, "test", size=opts.size, channels=data.image_shape[2])
     except EdgegenError:
-        return False
+        return None
 
 
 class _QualityProbe:
@@ -438,12 +430,6 @@ class _QualityProbe:
 
     def __init__(self, opts: TrainOptions, test: ImageDataset | None, data_name: str):
         self.opts, self.test, self.data_name, self.evaluator = opts, test, data_name, None
-
-    @classmethod
-    def create(cls, opts: TrainOptions, data: ImageDataset) -> "_QualityProbe":
-        test = load_dataset(opts.data, "test", size=opts.size, channels=data.image_shape[2]) \
-            if _has_test_split(opts.data) else None
-        return cls(opts, test, data.name)
 
     @torch.no_grad()
     def measure(self, task, model: nn.Module) -> dict:
