@@ -10,10 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnxruntime as ort
-
 from edgegen.modelmeta import ModelMeta
-from edgegen.runtime.generator import ASSETS
+from edgegen.runtime.generator import ASSETS, _open_session, session_options
 
 
 @dataclass(frozen=True)
@@ -43,8 +41,7 @@ def bundled_models(root: Path = ASSETS) -> list[BundledModel]:
     for path in sorted(root.glob("*.onnx")) if root.is_dir() else []:
         if ".encoder" in path.name:
             continue
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        meta = ModelMeta.from_props(sess.get_modelmeta().custom_metadata_map)
+        _, meta = _open_session(path.read_bytes(), str(path), session_options("desktop", 1))
         name = path.name.split(".")[0]
         out.append(BundledModel(name, path, meta, path.stat().st_size, records.get(name, {})))
     return out
