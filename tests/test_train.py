@@ -119,3 +119,35 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, small_idx_dir):
     resumed = train(TrainOptions(kind="gan", data=str(small_idx_dir), out=str(out), epochs=(step + 2) / 16,
                                  resume=True, progress=False))
     assert load_checkpoint(resumed)["step"] == step + 2
+
+
+def test_mode_seeking_pairs_labels_and_spreads_samples(tmp_path):
+    """The mode-seeking term (MSGAN) pairs fake labels and, weighted strongly, pushes same-class samples apart."""
+    from edgegen.training.models import GANConfig
+    from edgegen.training.train import GANTask
+
+    cfg = GANConfig(image_size=28, channels=1, latent_dim=16, width=8, d_width=8, num_classes=10)
+    seen = []
+    x = torch.rand(32, 1, 28, 28) * 2 - 1
+    y = torch.arange(32) % 10
+    z = torch.randn(32, 16, generator=torch.Generator().manual_seed(5))
+    label = torch.arange(16).repeat(2) % 10                         # pairs (i, i + 16) share a label
+
+    def spread(task) -> float:
+        with torch.no_grad():
+            out = task.G(z, label)
+        return float(((out[:16] - out[16:]).abs().mean((1, 2, 3)) / (z[:16] - z[16:]).abs().mean(1)).mean())
+
+    ratios = {}
+    for weight in (0.0, 20.0):
+        torch.manual_seed(0)
+        task = GANTask(cfg, _opts(tmp_path, "unused", mode_seeking=weight), torch.device("cpu"))
+        hook = task.G.register_forward_hook(lambda m, args, out: seen.append(args[1].clone()))
+        before = spread(task)
+        logs = [task.step(x, y, step) for step in range(6)]
+        hook.remove()
+        ratios[weight] = spread(task) / before
+        assert ("ms_ratio" in logs[0]) == (weight > 0)
+    paired = seen[-1]
+    assert torch.equal(paired[:16], paired[16:])
+    assert ratios[20.0] > ratios[0.0]

@@ -30,7 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, size=args.size, channels=args.channels, conditional=args.conditional,
         batch_size=args.batch_size, device=args.device, resume=args.resume, skip_bad=args.skip_bad,
         checkpoint_minutes=args.checkpoint_minutes, width=args.width, latent_dim=args.latent_dim,
-        lr=args.lr, beta=args.beta, upsample=args.upsample, progress=not args.quiet,
+        lr=args.lr, beta=args.beta, mode_seeking=args.mode_seeking, upsample=args.upsample, progress=not args.quiet,
     )
     train(opts)
     return 0
@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dim", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--beta", type=float, default=1.0, help="VAE KL weight")
+    p.add_argument("--mode-seeking", type=float, default=0.0,
+                   help="GAN: weight of the mode-seeking term against within-class collapse (MSGAN; 1 is typical)")
     p.add_argument("--upsample", choices=["nearest", "pixelshuffle"], default="nearest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)

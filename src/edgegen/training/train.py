@@ -58,6 +58,7 @@ class TrainOptions:
     latent_dim: int | None = None
     lr: float | None = None
     beta: float = 1.0
+    mode_seeking: float = 0.0          # GAN: weight of the mode-seeking term (MSGAN), against within-class collapse
     upsample: str = "nearest"
     progress: bool = True
     quality_samples: int = 2000        # samples for the checkpoint-time FCD (best.pt selection)
@@ -85,23 +86,35 @@ class GANTask:
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr, betas=(0.5, 0.999))
         self.rng = torch.Generator().manual_seed(opts.seed + 1)   # latents and fake labels
+        self.mode_seeking = opts.mode_seeking
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None, step: int) -> dict[str, float]:
         n = len(x)
         z = torch.randn(n, self.cfg.latent_dim, generator=self.rng).to(self.device)
         yf = (torch.randint(0, self.cfg.num_classes, (n,), generator=self.rng).to(self.device)
               if self.cfg.conditional else None)
+        if self.mode_seeking and yf is not None:   # pairs (i, i + n/2) share a label for the mode-seeking term
+            yf[n - n // 2:] = yf[: n // 2]
         fake = self.G(z, yf)                                          # (N, C, H, W)
         d_loss = hinge_d_loss(self.D(x, y), self.D(fake.detach(), yf))
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
         g_loss = hinge_g_loss(self.D(fake, yf))
+        logs = {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
+        if self.mode_seeking:
+            # MSGAN (Mao et al. 2019): two latents with the same label must give images as far apart
+            # as the latents are; G minimises the inverse ratio, so collapsing a class costs it.
+            h = n // 2
+            ratio = ((fake[:h] - fake[n - h:]).abs().mean(dim=(1, 2, 3))
+                     / (z[:h] - z[n - h:]).abs().mean(dim=1)).mean()
+            g_loss = g_loss + self.mode_seeking / (ratio + 1e-5)
+            logs["ms_ratio"] = ratio.item()
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()
         ema_update(self.G_ema, self.G, decay=min(0.999, (1 + step) / (10 + step)))
-        return {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
+        return logs
 
     def inference_model(self) -> Generator:
         """EMA generator with BN statistics recomputed for its averaged weights (eval mode)."""
