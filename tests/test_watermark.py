@@ -63,6 +63,21 @@ def test_golden_fingerprint_and_pattern(wm):
     assert d.detected and d.payload == 0xBEEF and d.sync_bits == 39
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_no_image_is_marked_below_the_psnr_floor(size):
+    """Dark images with small objects would take a strong mark; the floor caps each image, and only those."""
+    x = fmnist(size, 200)
+    capped, free = Watermarker(KEY).embed(x, 5), Watermarker(KEY, min_psnr=None).embed(x, 5)
+    per_image = [psnr(c, h) for c, h in zip(capped, x)]
+    uncapped = np.array([psnr(f, h) for f, h in zip(free, x)])
+    assert min(per_image) >= 36.5 and uncapped.min() < 36.5          # the floor did something, and holds
+    same = uncapped >= 36.5
+    assert np.array_equal(capped[same], free[same])                  # images under the floor are untouched
+    assert rate(Watermarker(KEY).detect(capped[~same])) >= 0.8       # the capped ones are still found
+    with pytest.raises(EdgegenError, match="min_psnr"):
+        Watermarker(KEY, min_psnr=5.0)
+
+
 # ----------------------------------------------------------------------------- round trips
 
 
