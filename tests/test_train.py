@@ -62,11 +62,14 @@ def test_classifier_loss_falls(tmp_path, small_idx_dir):
 
 @pytest.mark.parametrize("kind", ["gan", "vae"])
 def test_resume_is_exact(tmp_path, small_idx_dir, kind):
-    """Two runs of 4 + 4 steps end bit-identical to one run of 8 steps."""
+    """Two runs of 4 + 4 steps end bit-identical to one run of 8 steps, also when the folder moved between them."""
     full = train(_opts(tmp_path / "a", small_idx_dir, kind=kind, epochs=0.5))
     half = _opts(tmp_path / "b", small_idx_dir, kind=kind, epochs=0.25)
     train(half)
-    resumed = train(TrainOptions(**{**half.__dict__, "epochs": 0.5, "resume": True}))
+    moved = tmp_path / "moved"
+    Path(half.out).rename(moved)
+    resumed = train(TrainOptions(**{**half.__dict__, "out": str(moved), "epochs": 0.5, "resume": True}))
+    assert resumed.parent == moved and load_checkpoint(resumed)["train_config"]["out"] == str(moved)
     a, b = load_checkpoint(full), load_checkpoint(resumed)
     assert a["step"] == b["step"] == 8
     for name, sd in a["models"].items():

@@ -315,7 +315,7 @@ def train(opts: TrainOptions) -> Path:
         if saved["kind"] != opts.kind:
             raise EdgegenError(f"{last}: this run trains a {saved['kind']}, not a {opts.kind}")
         # The run's own recipe wins; only the budget and the progress display may change on resume.
-        opts = TrainOptions(**{**saved, "minutes": opts.minutes or saved["minutes"],
+        opts = TrainOptions(**{**saved, "out": str(out), "minutes": opts.minutes or saved["minutes"],
                                "epochs": opts.epochs or saved["epochs"], "resume": True,
                                "progress": opts.progress, "device": opts.device or saved["device"]})
     elif last.exists():
