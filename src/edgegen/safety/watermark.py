@@ -327,7 +327,7 @@ class Watermarker:
         x, gray = _check_images(images)
         n, h, w = x.shape[:3]
         if strength is None:
-            strength = float(np.clip(32.0 / np.sqrt(h * w), 0.7, 1.0))
+            strength = float(np.clip(32.0 / np.sqrt(h * w), 0.75, 1.0))   # 0.75: 64 px mean PSNR just above 40 dB
         if not 0.0 < strength <= 1.0:
             raise EdgegenError(f"strength must be in (0, 1], got {strength}")
         bits = self._bits(payload, n)
