@@ -6,6 +6,7 @@ all 32x32 grayscale on Fashion-MNIST with fixed seeds:
     train (resumes if interrupted) -> export fp32 ONNX -> quantize int8 (gated)
     -> evaluate fp32 and int8 with `edgegen eval`'s protocol (10,000 samples vs the test split)
     -> copy the int8 files into src/edgegen/assets/models/ with a models.json of how they were made
+    -> audit 10,000 samples of each int8 model for memorization (docs/audit/<name>.html)
 
 plus the Fashion-MNIST training-set hash index (src/edgegen/assets/models/fashion-mnist.idx*)
 that the audit uses. Training runs go to runs/models/<name>; a re-run skips finished steps.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -31,12 +33,14 @@ from docs_section import machine, write_section  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "src" / "edgegen" / "assets" / "models"
 IMG = ROOT / "docs" / "img"
+AUDITS = ROOT / "docs" / "audit"
+AUDIT_N = 10_000
 
 # The recipe. Epochs, not minutes, so a rerun reproduces the same weights on the same machine kind.
 CLASSIFIER_RECIPE = dict(kind="classifier", data="fashion-mnist", epochs=3.0, batch_size=128, seed=0)
 RECIPES: dict[str, dict] = {
-    "gan": dict(kind="gan", conditional=False, epochs=2.0, batch_size=64, seed=0, width=24),
-    "conditional": dict(kind="gan", conditional=True, epochs=2.0, batch_size=64, seed=0, width=24),
+    "gan": dict(kind="gan", conditional=False, epochs=3.0, batch_size=64, seed=0, width=24),
+    "conditional": dict(kind="gan", conditional=True, epochs=3.0, batch_size=64, seed=0, width=24, mode_seeking=1.0),
     "vae": dict(kind="vae", conditional=False, epochs=5.0, batch_size=128, seed=0, width=24, lr=2e-3),
 }
 
@@ -92,6 +96,29 @@ def build(name: str, recipe: dict, runs: Path, device: str | None, n_eval: int) 
         "quantization": meta.quantization, "gates": meta.extra.get("gates", {}),
         "size_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size}, "quality": figures,
     }
+
+
+def audit_model(name: str) -> dict:
+    """Audit AUDIT_N images of the shipped int8 model against the bundled training-set index (seed 0).
+
+    Writes docs/audit/<name>.html and .json (the report an auditor reads) and returns the summary
+    figures for models.json: how many images were flagged against how many the calibrated
+    false-flag rate explains, and the data-copying test.
+    """
+    from edgegen.cli import main as cli
+
+    AUDITS.mkdir(parents=True, exist_ok=True)
+    # Paths relative to the repository (main() runs there), so the committed report names no machine.
+    assets, audits = ASSETS.relative_to(ROOT), AUDITS.relative_to(ROOT)
+    report, figures = audits / f"{name}.html", audits / f"{name}.json"
+    code = cli(["audit", str(assets / f"{name}.int8.onnx"), "--index", str(assets / "fashion-mnist.idx"),
+                "-n", str(AUDIT_N), "--seed", "0", "--report", str(report), "--json", str(figures)])
+    if code != 0:
+        raise SystemExit(f"[{name}] audit failed (exit {code})")
+    s = json.loads(figures.read_text())["summary"]
+    return {"images": s["images"], "flagged": s["flagged"], "expected_fraction": s["expected_fraction"],
+            "excess_p_value": s["excess_p_value"], "data_copying_statistic": round(s["data_copying"]["statistic"], 2),
+            "data_copying_p_value": s["data_copying"]["p_value"], "report": f"docs/audit/{name}.html"}
 
 
 def test_neg_elbo(run: Path) -> float:
@@ -156,6 +183,15 @@ def quality_section(catalogue: dict) -> str:
                      f"{rec['size_bytes']['fp32'] / 1e3:.0f} kB)."
                      + (f" VAE test −ELBO {q['test_neg_elbo']:.1f} nats/image; prior sampling FCD "
                         f"{q['fp32_prior']['fcd']:.3f} vs ex-post {q['fp32']['fcd']:.3f}." if "fp32_prior" in q else ""))
+    lines += ["", f"Memorization audit of {AUDIT_N:,} images of each shipped int8 model (seed 0) against the bundled "
+              "training-set index, at the index's calibrated false-flag rate:", ""]
+    for name, rec in catalogue.items():
+        a = rec.get("audit")
+        if a:
+            lines.append(f"- **{name}**: {a['flagged']} of {a['images']:,} flagged ({100 * a['expected_fraction']:.0f} % "
+                         f"expected by chance; excess p = {a['excess_p_value']:.2g}); data-copying statistic "
+                         f"{a['data_copying_statistic']} (p = {a['data_copying_p_value']:.2g}); report "
+                         f"[{a['report']}](audit/{name}.html).")
     lines += ["", " ".join(f"![{n}](img/model_{n}.png)" for n in catalogue)]
     return "\n".join(lines)
 
@@ -167,8 +203,10 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"])
     ap.add_argument("--n-eval", type=int, default=10_000)
     ap.add_argument("--retrain-classifier", action="store_true", help="rebuild the bundled classifier too")
+    ap.add_argument("--audit-only", action="store_true", help="only re-audit the shipped models and rewrite the docs")
     args = ap.parse_args()
-    runs = Path(args.runs)
+    runs = Path(args.runs).resolve()
+    os.chdir(ROOT)
     runs.mkdir(parents=True, exist_ok=True)
     from edgegen.training.evaluate import BUNDLED_CLASSIFIER, bundle_classifier
     from edgegen.training.train import TrainOptions, train
@@ -182,12 +220,14 @@ def main() -> None:
     index_path = ASSETS / "models.json"
     catalogue = json.loads(index_path.read_text()) if index_path.exists() else {}
     for name in args.only or RECIPES:
-        catalogue[name] = build(name, RECIPES[name], runs, args.device, args.n_eval)
+        if not args.audit_only:
+            catalogue[name] = build(name, RECIPES[name], runs, args.device, args.n_eval)
+        # The audit's index of the training set (every run builds the same one).
+        for f in (runs / name).glob("train.idx*"):
+            shutil.copyfile(f, ASSETS / f.name.replace("train", "fashion-mnist", 1))
+        catalogue[name]["audit"] = audit_model(name)
         ASSETS.mkdir(parents=True, exist_ok=True)
         write_json_atomic(index_path, catalogue)
-    # The audit's index of the training set (every run above built the same one).
-    for f in (runs / "gan").glob("train.idx*"):
-        shutil.copyfile(f, ASSETS / f.name.replace("train", "fashion-mnist", 1))
     write_section("models", quality_section(catalogue))
     print(f"wrote {index_path} and the models section of docs/benchmarks.md")
 
