@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1.0, help="VAE KL weight")
     p.add_argument("--mode-seeking", type=float,
                    help="GAN: weight of the mode-seeking term (MSGAN) that keeps samples diverse "
-                        "(default 0.3 with --conditional, where a GAN collapses without it; else 0)")
+                        "(default 0.2 with --conditional, where a GAN collapses without it; else 0)")
     p.add_argument("--upsample", choices=["nearest", "pixelshuffle"], default="nearest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
