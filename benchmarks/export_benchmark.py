@@ -128,28 +128,17 @@ def layer_sensitivity(fp32: Path) -> dict:
     The quality gate asks for 99 %; if quantizing any single layer alone already falls short, no
     choice of float islands can pass it with 8-bit activations. Same QDQ settings as ``edgegen quantize``.
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     from edgegen.export import gates, onnx_io
-    from edgegen.export.quantize import CALIB_N, CALIB_SEED, QUANT_OPS, _PriorReader
+    from edgegen.export.quantize import CALIB_N, CALIB_SEED, qdq_int8
 
     model, meta = onnx_io.load_model(fp32)
     ref = gates.generate(model, meta, gates.GATE_N, gates.GATE_SEED)
     z, labels = onnx_io.seeded_latents(meta, CALIB_N, CALIB_SEED)
     layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "one.onnx")
-        onnx.save(model, src)
-        for name in layers:
-            reader = type("Reader", (_PriorReader, CalibrationDataReader), {})(meta, z, labels)
-            quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=QUANT_OPS, nodes_to_exclude=[n for n in layers if n != name],
-                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
-            out[name] = gates.image_quality(ref, gates.generate(onnx.load(dst), meta, gates.GATE_N,
-                                                                gates.GATE_SEED))["within_2_frac"]
+    for name in layers:
+        one = qdq_int8(model, meta, z, labels, float_nodes=[n for n in layers if n != name])
+        out[name] = gates.image_quality(ref, gates.generate(one, meta, gates.GATE_N, gates.GATE_SEED))["within_2_frac"]
     return out
 
 

@@ -147,8 +147,6 @@ class _PriorReader:
 def _int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray | None,
           labels: np.ndarray | None) -> tuple[onnx.ModelProto, dict]:
     """Static QDQ int8 quantization calibrated on the latent prior; returns (model, op-count figures)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     if z is None:
         z, labels = onnx_io.seeded_latents(meta, CALIB_N, CALIB_SEED)
         if labels is not None:   # cycle labels in a shuffled order so every batch sees every class
@@ -158,10 +156,32 @@ def _int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray | None,
         raise EdgegenError(f"calibration latents must be (N, {meta.latent_dim}), got {z.shape}")
     if meta.conditional and labels is None:
         raise EdgegenError("conditional model: calibration needs labels")
-    reader = type("Reader", (_PriorReader, CalibrationDataReader), {})(meta, z, labels)
-
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     float_nodes = [convs[-1].name] if convs else []                     # the output conv stays float
+    qmodel = qdq_int8(model, meta, z, labels, float_nodes)
+
+    # Prove the convolutions run as int8 kernels: count the ops onnxruntime executes after fusion.
+    runtime = onnx_io.runtime_op_counts(qmodel)
+    n_int8 = len(convs) - len(float_nodes)
+    n_qconv = runtime.get("com.microsoft.QLinearConv", 0) + runtime.get("QLinearConv", 0)
+    if n_qconv != n_int8:
+        raise EdgegenError(f"int8 model runs {n_qconv} QLinearConv for {n_int8} quantized convolutions "
+                           f"(onnxruntime did not fuse the QDQ pattern); runtime ops: {runtime}")
+    return qmodel, {"format": "QDQ", "activations": "uint8 per-tensor", "weights": "int8 symmetric, per-channel convs",
+                    "float_nodes": float_nodes, "calibration": f"{len(z)} latents, MinMax",
+                    "file_ops": onnx_io.op_counts(qmodel), "runtime_ops": runtime}
+
+
+def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None,
+             float_nodes: list[str]) -> onnx.ModelProto:
+    """``model`` with every layer but ``float_nodes`` in QDQ int8, calibrated on ``z`` (and ``labels``).
+
+    The settings of :func:`quantize_model` (see the module docstring); metadata and debug names
+    are stripped. Also used by the export benchmark to quantize one layer at a time.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    reader = type("Reader", (_PriorReader, CalibrationDataReader), {})(meta, z, labels)
     fc_weights = [n.input[1] for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
     overrides = {w: [{"symmetric": True}] for w in fc_weights}           # per-tensor (see module docstring)
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,17 +202,7 @@ def _int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray | None,
         qmodel = onnx.load(dst)
     del qmodel.metadata_props[:]                                          # restamped by the caller
     onnx_io.strip_debug_info(qmodel)
-
-    # Prove the convolutions run as int8 kernels: count the ops onnxruntime executes after fusion.
-    runtime = onnx_io.runtime_op_counts(qmodel)
-    n_int8 = len(convs) - len(float_nodes)
-    n_qconv = runtime.get("com.microsoft.QLinearConv", 0) + runtime.get("QLinearConv", 0)
-    if n_qconv != n_int8:
-        raise EdgegenError(f"int8 model runs {n_qconv} QLinearConv for {n_int8} quantized convolutions "
-                           f"(onnxruntime did not fuse the QDQ pattern); runtime ops: {runtime}")
-    return qmodel, {"format": "QDQ", "activations": "uint8 per-tensor", "weights": "int8 symmetric, per-channel convs",
-                    "float_nodes": float_nodes, "calibration": f"{len(z)} latents, MinMax",
-                    "file_ops": onnx_io.op_counts(qmodel), "runtime_ops": runtime}
+    return qmodel
 
 
 # ----------------------------------------------------------------------------- fp16
