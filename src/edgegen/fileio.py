@@ -13,6 +13,9 @@ from typing import IO, Any, Iterator
 from edgegen.errors import EdgegenError
 
 
+# File suffixes read as images everywhere (training folders, watermark and audit inputs).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
 _UMASK = os.umask(0o022)  # read the process umask once (at import, before any threads) ...
 os.umask(_UMASK)          # ... and put it back
 

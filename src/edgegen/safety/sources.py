@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 
 from edgegen.errors import EdgegenError
+from edgegen.fileio import IMAGE_SUFFIXES
 from edgegen.runtime.manifest import MANIFEST, RUN_FILE
 from edgegen.runtime.stages import AUDIT_SUMMARY
 from edgegen.safety.index import HashIndex
-from edgegen.training.data import IMAGE_SUFFIXES
 
 # The bookkeeping `edgegen generate` writes beside its images: not images, not errors.
 GENERATE_FILES = {MANIFEST, RUN_FILE, AUDIT_SUMMARY}

@@ -16,10 +16,9 @@ import cv2
 import numpy as np
 
 from edgegen.errors import EdgegenError
-from edgegen.fileio import safe_join, write_bytes_atomic
+from edgegen.fileio import IMAGE_SUFFIXES, safe_join, write_bytes_atomic
 from edgegen.safety.keys import load_key
 from edgegen.safety.watermark import DEFAULT_THRESHOLD, Watermarker
-from edgegen.training.data import IMAGE_SUFFIXES
 
 
 def read_image(path: Path) -> np.ndarray | None:

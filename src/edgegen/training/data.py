@@ -23,14 +23,13 @@ import cv2
 import numpy as np
 
 from edgegen.errors import EdgegenError
-from edgegen.fileio import sha256_hex
+from edgegen.fileio import IMAGE_SUFFIXES, sha256_hex
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 # IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/ format).
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
