@@ -215,5 +215,3 @@ def write_files(out_dir: str | os.PathLike, files: list[tuple[str, bytes]]) -> N
                 raise
     finally:
         os.close(dir_fd)
-
-

@@ -355,16 +355,15 @@ class Watermarker:
         limit = 255.0 ** 2 * 10.0 ** (-self.min_psnr / 10.0)            # largest allowed MSE
         change = marked - host
         scale = np.ones(len(host), dtype=np.float32)
-        out = marked
         for _ in range(20):     # rounding keeps small changes whole, so shrink until the rounded image fits
-            mse = np.mean((out - host).reshape(len(host), -1) ** 2, axis=1)
+            mse = np.mean((marked - host).reshape(len(host), -1) ** 2, axis=1)
             over = mse > limit
             if not over.any():
                 break
             scale[over] *= np.sqrt(limit / mse[over]) * 0.98
             k = scale[over].reshape((-1,) + (1,) * (host.ndim - 1))
-            out[over] = np.clip(np.rint(host[over] + change[over] * k), 0.0, 255.0)
-        return out
+            marked[over] = np.clip(np.rint(host[over] + change[over] * k), 0.0, 255.0)
+        return marked
 
     # ------------------------------------------------------------------ detect
 
