@@ -64,6 +64,31 @@ def test_int8_op_counts(fp32, int8):
     assert meta.extra["gates"]["runtime_ops"] == rt
 
 
+def test_gemm_bias_becomes_an_int8_weight_column(fp32, int8):
+    from onnx import numpy_helper
+
+    from edgegen.export.quantize import bias_as_input_column
+
+    src = onnx.load(fp32)
+    gemm = next(n for n in src.graph.node if n.op_type == "Gemm")
+    w = next(numpy_helper.to_array(t) for t in src.graph.initializer if t.name == gemm.input[1])   # (out, in)
+    moved = bias_as_input_column(src)
+    onnx.checker.check_model(moved, full_check=True)
+    assert next(n for n in moved.graph.node if n.op_type == "Gemm").input[1:] == [gemm.input[1]]  # no bias input
+    for n in (1, 7):                                       # same function at any batch size
+        z = np.random.default_rng(n).standard_normal((n, 16)).astype(np.float32)
+        assert np.array_equal(_run(fp32, z), _run_model(moved, z))
+    # In the int8 file the weights grow by one int8 column and no int32 vector of `out` biases is left.
+    q = {t.name: numpy_helper.to_array(t) for t in onnx.load(int8[0]).graph.initializer}
+    assert any(a.dtype == np.int8 and a.shape == (w.shape[0], w.shape[1] + 1) for a in q.values())
+    assert not any(a.dtype == np.int32 and a.shape == (w.shape[0],) for a in q.values())
+    assert all(len(name) < 40 for name in q)               # the quantizer's long suffixes are shortened
+
+
+def _run_model(model, z):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"z": z})[0]
+
+
 def test_int8_metadata_and_quality(fp32, int8):
     path, meta = int8
     back = onnx_io.read_meta(onnx.load(path))
