@@ -119,6 +119,12 @@ def measure(work: Path, levers: bool) -> dict:
                                                               min_seconds=1.0)
                                for m in ("fp32", "int8") for b in (1, 64)}
         res["pixelshuffle"]["macs_per_image"] = ps_meta.extra["macs_per_image"]
+        # Layout lever: onnxruntime runs QLinearConv in NHWC and then also the uint8 Resize between them,
+        # whose NHWC kernel is slow (profiled: 34-42 % of int8 time). Without the NHWC transformer the
+        # Resize runs NCHW but so do the QLinearConvs. Same run, same session settings otherwise.
+        for b in (1, 64):
+            res[f"int8_nchw_b{b}"] = gates.throughput(paths["int8"].read_bytes(), meta, b, THREADS, reps=5,
+                                                      min_seconds=1.0, disabled_optimizers=("NhwcTransformer",))
     return res
 
 
@@ -191,6 +197,9 @@ def section(r: dict) -> str:
             f"- Architecture lever, `upsample=\"pixelshuffle\"` (conv at low resolution, then DepthToSpace; "
             f"{p['macs_per_image'] / 1e6:.1f} M MACs): fp32 {p['fp32_b1']:,.0f} / {p['fp32_b64']:,.0f} img/s, "
             f"int8 {p['int8_b1']:,.0f} / {p['int8_b64']:,.0f} img/s (batch 1 / 64) vs nearest "
+            f"{r['int8_b1']:,.0f} / {r['int8_b64']:,.0f}.",
+            f"- Layout lever, int8 with onnxruntime's NHWC transformer off (QLinearConv and Resize stay NCHW): "
+            f"{r['int8_nchw_b1']:,.0f} / {r['int8_nchw_b64']:,.0f} img/s (batch 1 / 64) vs default "
             f"{r['int8_b1']:,.0f} / {r['int8_b64']:,.0f}.",
         ]
     if "sensitivity" in r:

@@ -156,8 +156,8 @@ def quality_section(catalogue: dict) -> str:
         "",
         f"`python scripts/make_models.py` on {machine()}; every figure with `edgegen eval`'s protocol: 10,000 "
         "samples against the 10,000 Fashion-MNIST test images in the bundled classifier's feature space, "
-        "the real-vs-real floor (10,000 training images) beside it. One training seed per model "
-        "(the 2-core budget did not allow three).",
+        "the real-vs-real floor (10,000 training images) beside it. The shipped models are seed 0; the "
+        "spread over seeds is in the seed-spread section (`benchmarks/seed_spread.py`).",
         "",
         "| model | variant | params | training | FCD (floor) | KID×1000 | precision | recall | smallest class | class agreement |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -85,6 +85,20 @@ def test_gemm_bias_becomes_an_int8_weight_column(fp32, int8):
     assert all(len(name) < 40 for name in q)               # the quantizer's long suffixes are shortened
 
 
+def test_layout_lever_keeps_int8_convs_nchw(int8, tmp_path):
+    # The export benchmark's layout lever: without onnxruntime's NHWC transformer the QLinearConvs
+    # (and the Resize between them) run channels-first; by default they run channels-last.
+    def channels_last(disabled):
+        path = str(tmp_path / f"opt{len(disabled)}.onnx")
+        onnx_io.session(onnx.load(int8[0]), 1, optimized_path=path, disabled_optimizers=disabled)
+        convs = [n for n in onnx.load(path).graph.node if n.op_type == "QLinearConv"]
+        assert convs
+        return {onnx.helper.get_attribute_value(a) for n in convs for a in n.attribute if a.name == "channels_last"}
+
+    assert channels_last(()) == {1}
+    assert channels_last(("NhwcTransformer",)) <= {0}
+
+
 def _run_model(model, z):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"z": z})[0]
 

@@ -12,6 +12,7 @@ import collections
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -114,11 +115,13 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
     return len(data)
 
 
-def session(model: onnx.ModelProto | bytes, threads: int = 1, optimized_path: str | None = None):
+def session(model: onnx.ModelProto | bytes, threads: int = 1, optimized_path: str | None = None,
+            disabled_optimizers: Sequence[str] = ()):
     """An onnxruntime CPU session with ``threads`` intra-op threads and spinning off.
 
     ``optimized_path`` also saves the graph as onnxruntime optimises it (fusions, QLinearConv),
-    which is how op counts prove what actually runs.
+    which is how op counts prove what actually runs; ``disabled_optimizers`` names onnxruntime
+    graph transformers to skip (for benchmarks of layout choices, e.g. "NhwcTransformer").
     """
     import onnxruntime as ort
 
@@ -130,7 +133,8 @@ def session(model: onnx.ModelProto | bytes, threads: int = 1, optimized_path: st
     if optimized_path:
         so.optimized_model_filepath = optimized_path
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -17,7 +17,10 @@ int8 -- format and float islands chosen by measurement on this CPU (see docs/ben
     the most pixel accuracy (it feeds tanh and rounding directly) and buys no speed (C = 1 or 3
     output channels do not fill an int8 kernel). Tanh and the pixel arithmetic stay float.
   * Calibration from the latent prior: 512 N(0, I) latents (and uniformly cycled labels), MinMax.
-    No data set is needed, and the prior is exactly what the model sees at inference.
+    No data set is needed, and the prior is exactly what the model sees at inference. Percentile
+    calibration (99.98-99.999 %) was measured on the shipped models: 1-3 points more pixels within
+    2/255 and 0.5-2 dB more median PSNR, but the worst image of 256 lost up to 12 dB (conditional
+    GAN: 39.3 -> 26.6-32.0 dB) where clipped activations saturate. MinMax never ruins an image.
 fp16 -- every float weight stored as float16 and cast back to float32 in-graph (``Cast`` of a
   constant, which onnxruntime folds at load): half the size, fp32 I/O and fp32 arithmetic.
 

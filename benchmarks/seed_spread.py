@@ -1,0 +1,129 @@
+"""Seed spread of the bundled-model recipes (issue 7): quality as mean ± sd over training seeds.
+
+    python benchmarks/seed_spread.py [--models gan conditional vae] [--seeds 1 2]
+
+Seed 0 is the shipped model (runs/models/<name>, built by ``make models``). Every other seed trains
+the same recipe (``scripts/make_models.py``'s RECIPES, only the seed changed) into
+runs/seeds/<name>_s<seed>, resuming an interrupted run, and is exported to fp32 ONNX. Each model
+is scored with ``edgegen eval``'s protocol (10,000 samples against the 10,000 test images, seed 0)
+and the table of per-seed figures and their mean ± sd is written to the "seeds" section of
+docs/benchmarks.md. Seeds that have not finished training are left out of the table and named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from docs_section import machine, write_section  # noqa: E402
+from make_models import RECIPES  # noqa: E402
+
+METRICS = [("fcd", "FCD", 3), ("recall", "recall", 3), ("precision", "precision", 3),
+           ("min_class_fraction", "smallest class", 3), ("class_agreement", "class agreement", 3)]
+
+
+def score(name: str, seed: int, n: int) -> dict | None:
+    """Train (or resume) seed ``seed`` of ``name``'s recipe, export it, and return its eval figures."""
+    from edgegen.export import export_run
+    from edgegen.training.checkpoint import load_checkpoint
+    from edgegen.training.evaluate import evaluate_target
+    from edgegen.training.train import TrainOptions, train
+
+    recipe = RECIPES[name]
+    if seed == 0:
+        run, onnx_path = ROOT / "runs" / "models" / name, ROOT / "runs" / "models" / f"{name}.onnx"
+    else:
+        run, onnx_path = ROOT / "runs" / "seeds" / f"{name}_s{seed}", ROOT / "runs" / "seeds" / f"{name}_s{seed}.onnx"
+    cache = onnx_path.with_suffix(".eval.json")
+    if cache.exists() and onnx_path.exists() and cache.stat().st_mtime >= onnx_path.stat().st_mtime:
+        return json.loads(cache.read_text())
+    last = run / "last.pt"
+    state = load_checkpoint(last) if last.exists() else None
+    if state is None or state["step"] < _steps(name):
+        if seed == 0:
+            print(f"[{name}] seed 0: run `make models` first", flush=True)
+            return None
+        opts = TrainOptions(data="fashion-mnist", out=str(run), size=32, checkpoint_minutes=3.0,
+                            **{**recipe, "seed": seed})
+        train(TrainOptions(**{**asdict(opts), "resume": state is not None}))
+        state = load_checkpoint(last)
+    export_run(run, onnx_path)
+    figures = {**evaluate_target(str(onnx_path), n=n, seed=0).to_dict(),
+               "steps": state["step"], "minutes": round(state["elapsed"] / 60, 1)}
+    cache.write_text(json.dumps(figures))
+    return figures
+
+
+def section(results: dict[str, dict[int, dict]], missing: list[str], n: int) -> str:
+    lines = ["## Seed spread of the bundled-model recipes (issue 7)", "",
+             f"`python benchmarks/seed_spread.py` on {machine()}: each recipe of `scripts/make_models.py` trained "
+             f"with several seeds (seed 0 is the shipped model), fp32 ONNX scored with `edgegen eval`'s protocol "
+             f"({n:,} samples against the test split). Figures are mean ± sd over the seeds, per-seed values "
+             "in brackets.", "",
+             "| model | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
+             "|---|---|" + "---:|" * len(METRICS)]
+    for name, per_seed in results.items():
+        cells = []
+        for key, _, digits in METRICS:
+            vals = [f[key] for f in per_seed.values() if f.get(key) is not None]
+            if not vals:
+                cells.append("")
+                continue
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.fmean(vals):.{digits}f} ± {sd:.{digits}f} "
+                         f"({', '.join(f'{v:.{digits}f}' for v in vals)})")
+        lines.append(f"| {name} | {', '.join(map(str, per_seed))} | " + " | ".join(cells) + " |")
+    floor = next((f["floor"]["fcd"] for per in results.values() for f in per.values()), None)
+    if floor is not None:
+        lines += ["", f"Real-vs-real FCD floor at this n: {floor:.3f}."]
+    if missing:
+        lines += ["", "Not finished when this ran (left out): " + ", ".join(missing) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=["gan"], choices=sorted(RECIPES))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[1, 2], help="extra seeds besides the shipped seed 0")
+    ap.add_argument("-n", type=int, default=10_000)
+    ap.add_argument("--eval-only", action="store_true", help="score finished seeds only; train nothing")
+    args = ap.parse_args()
+    results, missing = {}, []
+    for name in args.models:
+        per_seed = {}
+        for seed in [0, *args.seeds]:
+            run = ROOT / "runs" / ("models" if seed == 0 else "seeds") / (name if seed == 0 else f"{name}_s{seed}")
+            if args.eval_only and not _finished(run, name):
+                missing.append(f"{name} seed {seed}")
+                continue
+            figures = score(name, seed, args.n)
+            if figures is None:
+                missing.append(f"{name} seed {seed}")
+            else:
+                per_seed[seed] = figures
+                print(f"[{name}] seed {seed}: FCD {figures['fcd']:.3f} recall {figures['recall']:.3f}", flush=True)
+        if per_seed:
+            results[name] = per_seed
+    write_section("seeds", section(results, missing, args.n))
+
+
+def _steps(name: str) -> int:
+    """Training steps of ``name``'s recipe (epochs over the 60,000 training images)."""
+    return int(RECIPES[name]["epochs"] * (60_000 // RECIPES[name]["batch_size"]) + 0.999)
+
+
+def _finished(run: Path, name: str) -> bool:
+    from edgegen.training.checkpoint import load_checkpoint
+
+    last = run / "last.pt"
+    return last.exists() and load_checkpoint(last)["step"] >= _steps(name)
+
+
+if __name__ == "__main__":
+    main()
