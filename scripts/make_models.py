@@ -179,8 +179,9 @@ def quality_section(catalogue: dict) -> str:
         verdict = "all gates passed" if g.get("passed") else f"gates failed: {'; '.join(g.get('failed', []))}"
         lines.append(f"- **{name}**: int8 vs fp32: FCD change {change:+.1f} % (target ≤ 5 %), median PSNR "
                      f"{g.get('psnr_median_db')} dB (≥ 35), {100 * g.get('within_2_frac', 0):.2f} % of pixels within "
-                     f"2/255 (≥ 99 %) — {verdict}; int8 file {rec['size_bytes']['int8'] / 1e3:.0f} kB (fp32 "
-                     f"{rec['size_bytes']['fp32'] / 1e3:.0f} kB)."
+                     f"2/255 (≥ 99 %) — {verdict}; int8 file {rec['size_bytes']['int8'] / 1e3:.0f} kB, "
+                     f"{rec['size_bytes']['fp32'] / rec['size_bytes']['int8']:.2f}x smaller than fp32 "
+                     f"({rec['size_bytes']['fp32'] / 1e3:.0f} kB; target 3.9x)."
                      + (f" VAE test −ELBO {q['test_neg_elbo']:.1f} nats/image; prior sampling FCD "
                         f"{q['fp32_prior']['fcd']:.3f} vs ex-post {q['fp32']['fcd']:.3f}." if "fp32_prior" in q else ""))
     lines += ["", f"Memorization audit of {AUDIT_N:,} images of each shipped int8 model (seed 0) against the bundled "
