@@ -215,8 +215,8 @@ def section(r: dict) -> str:
         f"- int8 gates on this random-weight model: median PSNR {g['psnr_median_db']:.1f} dB (gate 35), "
         f"{100 * g['within_2_frac']:.1f} % of pixels within 2/255 (gate 99 %), gate speed check "
         f"{g.get('int8_img_s_b64', 0):,.0f} vs {g.get('fp32_img_s_b64', 0):,.0f} img/s; "
-        f"onnxruntime runs {g['runtime_ops'].get('com.microsoft.QLinearConv', 0)} QLinearConv + "
-        f"{g['runtime_ops'].get('com.microsoft.QGemm', 0)} QGemm, output conv float.",
+        f"onnxruntime runs {g['runtime_ops'].get('com.microsoft.QLinearConv', 0)} QLinearConv, the Linear as a "
+        "float Gemm on int8-stored weights (weight-only), the output conv in float.",
     ]
     if "pixelshuffle" in r:
         p = r["pixelshuffle"]
