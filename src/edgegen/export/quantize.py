@@ -5,7 +5,9 @@ int8 -- format and float islands chosen by measurement on this CPU (see docs/ben
     so any runtime loads it; onnxruntime fuses each DQ -> Conv -> Q into QLinearConv at session
     start, which :func:`quantize_model` proves by counting the ops of the graph onnxruntime runs.
   * uint8 activations (per tensor, asymmetric) x int8 weights (symmetric): the u8s8 pairing the
-    VNNI / AMX kernels of MLAS take. Conv weights per output channel.
+    VNNI / AMX kernels of MLAS take. Conv weights per output channel. Conv biases stay float32 in
+    the file (onnxruntime makes them int32 at load; measured: the same pixels): an int32 bias needs
+    its own per-channel scale beside it, twice the bytes.
   * The first layer's Linear (Gemm) is *weight-only* int8: weights stored int8 (per tensor, one
     scale) and dequantized in-graph, arithmetic in float. Its input is the latent z, and rounding z
     alone to 8 bits leaves only 95 % of the GAN's pixels within 2/255 (measured), while the Gemm
@@ -203,7 +205,8 @@ def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
             quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=QUANT_OPS, nodes_to_exclude=float_nodes + [n.name for n in linear],
-                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                           "QuantizeBias": False})
         except Exception as e:
             raise EdgegenError(f"int8 quantization failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         finally:
