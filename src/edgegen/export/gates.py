@@ -40,7 +40,7 @@ def generate(model, meta: ModelMeta, n: int, seed: int, batch: int = 64) -> np.n
 
 
 def throughput(model, meta: ModelMeta, batch: int, threads: int = 2, reps: int = 5,
-               min_seconds: float = 0.3, disabled_optimizers: tuple[str, ...] = ()) -> float:
+               min_seconds: float = 0.3, disabled_optimizers: tuple[str, ...] | None = None) -> float:
     """Images per second of ``model`` at ``batch`` (best of ``reps`` timed runs after one warm-up)."""
     sess = onnx_io.session(model, threads=threads, disabled_optimizers=disabled_optimizers)
     z, labels = onnx_io.seeded_latents(meta, batch, 0)

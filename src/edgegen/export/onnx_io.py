@@ -125,14 +125,19 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
 
 
 def session(model: onnx.ModelProto | bytes, threads: int = 1, optimized_path: str | None = None,
-            disabled_optimizers: Sequence[str] = ()):
+            disabled_optimizers: Sequence[str] | None = None):
     """An onnxruntime CPU session with ``threads`` intra-op threads and spinning off.
 
     ``optimized_path`` also saves the graph as onnxruntime optimises it (fusions, QLinearConv),
     which is how op counts prove what actually runs; ``disabled_optimizers`` names onnxruntime
-    graph transformers to skip (for benchmarks of layout choices, e.g. "NhwcTransformer").
+    graph transformers to skip: by default those the runtime skips, so gates measure what apps run.
     """
     import onnxruntime as ort
+
+    from edgegen.runtime.generator import DISABLED_OPTIMIZERS
+
+    if disabled_optimizers is None:
+        disabled_optimizers = DISABLED_OPTIMIZERS
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
