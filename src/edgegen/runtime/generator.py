@@ -23,8 +23,9 @@ from edgegen.runtime.latent import check_seed, latents, slerp
 MODES = ("desktop", "batch")
 # onnxruntime's NHWC transformer moves int8 convolutions to channels-last, and with them the uint8
 # Resize between them, whose channels-last kernel is slow (profiled: 34-42 % of an int8 generator's
-# time). Without it our int8 generators run 14-55 % faster (export benchmark, layout lever); float
-# models are unaffected. Every edgegen session skips it.
+# time). Without it our int8 generators run 12-27 % faster (two sessions timed alternately: export
+# benchmark's layout lever, and the shipped GAN); float models are unaffected. Every edgegen session
+# skips it.
 DISABLED_OPTIMIZERS = ("NhwcTransformer",)
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "models"
 
