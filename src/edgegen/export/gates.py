@@ -40,9 +40,9 @@ def generate(model, meta: ModelMeta, n: int, seed: int, batch: int = 64) -> np.n
 
 
 def throughput(model, meta: ModelMeta, batch: int, threads: int = 2, reps: int = 5,
-               min_seconds: float = 0.3, disabled_optimizers: tuple[str, ...] | None = None) -> float:
+               min_seconds: float = 0.3) -> float:
     """Images per second of ``model`` at ``batch`` (best of ``reps`` timed runs after one warm-up)."""
-    sess = onnx_io.session(model, threads=threads, disabled_optimizers=disabled_optimizers)
+    sess = onnx_io.session(model, threads=threads)
     z, labels = onnx_io.seeded_latents(meta, batch, 0)
     feed = onnx_io.feeds(meta, z, labels)
     sess.run(None, feed)                                                     # warm-up: allocations, packing

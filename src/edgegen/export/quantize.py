@@ -55,7 +55,7 @@ from edgegen.modelmeta import ModelMeta
 INT8_PSNR_DB, INT8_WITHIN2, FCD_MAX_REL, FP16_PSNR_DB = 35.0, 0.99, 0.05, 60.0
 CALIB_N, CALIB_SEED, CALIB_BATCH = 512, 0, 64
 SPEED_BATCH = 64
-QUANT_OPS = ["Conv", "Gemm", "MatMul", "Relu", "Resize", "Reshape", "DepthToSpace"]
+QUANT_OPS = ["Conv", "MatMul", "Relu", "Resize", "Reshape", "DepthToSpace"]   # Gemm: weight-only, below
 
 
 def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, mode: str = "int8",
@@ -205,7 +205,7 @@ def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
         try:
             quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=QUANT_OPS, nodes_to_exclude=float_nodes + [n.name for n in linear],
+                            op_types_to_quantize=QUANT_OPS, nodes_to_exclude=float_nodes,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                            "QuantizeBias": False})
         except Exception as e:
@@ -215,7 +215,7 @@ def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
         qmodel = onnx.load(dst)
     del qmodel.metadata_props[:]                                          # restamped by the caller
     onnx_io.strip_debug_info(qmodel)
-    qmodel = int8_weights(qmodel, [n.input[1] for n in linear if n.name not in float_nodes])
+    qmodel = _int8_weights(qmodel, [n.input[1] for n in linear if n.name not in float_nodes])
     return _short_names(_drop_zero_points(qmodel))
 
 
@@ -234,14 +234,19 @@ def _drop_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
             if zp.dtype in (np.int8, np.int32) and not zp.any():
                 dropped.add(n.input[2])
                 del n.input[2]
-    used = {x for n in g.node for x in n.input}
-    keep = [t for t in g.initializer if t.name not in dropped or t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    return _remove_unused(model, dropped)
+
+
+def _remove_unused(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """``model`` without the initializers ``names`` that no node reads any more."""
+    used = {x for n in model.graph.node for x in n.input}
+    keep = [t for t in model.graph.initializer if t.name not in names or t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
     return model
 
 
-def int8_weights(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def _int8_weights(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """``model`` with the float initializers ``names`` stored as int8 (symmetric, one scale per tensor)
     and turned back into float at the top of the graph by ``Cast`` and ``Mul`` (weight-only int8).
 
@@ -297,8 +302,8 @@ def _short_names(model: onnx.ModelProto) -> onnx.ModelProto:
 def bias_as_input_column(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` where each Gemm ``A @ B.T + bias`` reads ``[A, c] @ [B, bias / c].T`` instead.
 
-    Same function in float; after quantization the bias lives in the int8 weight matrix (one column)
-    instead of an int32 vector per output. ``c = max(1, max|bias| / max|B|)`` keeps the column within
+    Same function in float; the weight-only int8 Linear then stores its bias as one int8 weight column
+    instead of a float32 vector per output. ``c = max(1, max|bias| / max|B|)`` keeps the column within
     the weights' range, so the per-tensor weight scale does not grow. The constant column is built
     in-graph for any batch size: ``Expand([[c]], [N, 1])`` with N from ``Shape(A)``.
     """
@@ -332,11 +337,7 @@ def bias_as_input_column(model: onnx.ModelProto) -> onnx.ModelProto:
         folded.add(node.input[2])
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    keep = [t for t in m.graph.initializer if t.name not in folded or t.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
-    return m
+    return _remove_unused(m, folded)
 
 
 # ----------------------------------------------------------------------------- fp16
