@@ -154,48 +154,63 @@ def alternating_speedup(model: bytes, meta, batch: int, rounds: int = 15, second
 
 
 def layer_sensitivity(fp32: Path) -> dict:
-    """Pixels within 2/255 of fp32 when only one layer is int8 (the others float), per Conv/Gemm layer,
-    plus two splits of the whole model: 8-bit weights only (activations float) and 8-bit latents only.
-
-    The quality gate asks for 99 %; if quantizing a single layer alone already falls short, no choice
-    of float islands can pass it with 8-bit activations. Same QDQ settings as ``edgegen quantize``
-    (the Linear weight-only).
+    """Where a trained model's int8 pixel error comes from: pixels within 2/255 of fp32 for the int8
+    model ``edgegen quantize`` writes, for its 8-bit weights alone (every activation Q/DQ pair
+    removed, so the arithmetic between the int8-stored weights is float) and for 8-bit activations
+    alone (the equalized float model with each ReLU output rounded to uint8 on its calibrated range).
     """
     import onnx
-    from onnx import numpy_helper
 
-    from edgegen.export import gates, onnx_io
+    from edgegen.export import gates, onnx_io, ptq
     from edgegen.export.quantize import CALIB_N, CALIB_SEED, qdq_int8
 
     model, meta = onnx_io.load_model(fp32)
-    ref = gates.generate(model, meta, gates.GATE_N, gates.GATE_SEED)
     z, labels = onnx_io.seeded_latents(meta, CALIB_N, CALIB_SEED)
-    layers = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
-    out = {}
-    for layer in layers:
-        one = qdq_int8(model, meta, z, labels, float_nodes=[n.name for n in layers if n is not layer])
-        out[layer.name] = gates.image_quality(ref, gates.generate(one, meta, gates.GATE_N, gates.GATE_SEED))["within_2_frac"]
-    # Weights only: every weight but the (float) output conv's rounded to its int8 grid, arithmetic float.
-    rounded = onnx.ModelProto()
-    rounded.CopyFrom(model)
-    names = {n.input[1]: n.op_type == "Conv" for n in layers[:-1]}
-    for t in rounded.graph.initializer:
-        if t.name in names:
-            w = numpy_helper.to_array(t)
-            scale = np.abs(w).max(axis=tuple(range(1, w.ndim)) if names[t.name] else None, keepdims=True) / 127
-            t.CopyFrom(numpy_helper.from_array((np.round(w / scale) * scale).astype(np.float32), t.name))
-    out["weights only"] = gates.image_quality(ref, gates.generate(rounded, meta, gates.GATE_N, gates.GATE_SEED))["within_2_frac"]
-    # Latents only: z rounded to the uint8 grid a quantized first layer would read it on.
-    zt, lt = onnx_io.seeded_latents(meta, gates.GATE_N, gates.GATE_SEED)
-    lo, hi = min(float(z.min()), 0.0), max(float(z.max()), 0.0)
-    step = (hi - lo) / 255
-    zq = (np.clip(np.round((zt - lo) / step), 0, 255) * step + lo).astype(np.float32)
-    zq_images = onnx_io.run_batched(onnx_io.session(model, 1), meta, zq, lt)[0]
-    out["latents only"] = gates.image_quality(ref, zq_images)["within_2_frac"]
-    return out
 
+    def within2(m) -> float:
+        ref = gates.generate(model, meta, gates.GATE_N, gates.GATE_SEED)
+        return gates.image_quality(ref, gates.generate(m, meta, gates.GATE_N, gates.GATE_SEED))["within_2_frac"]
 
-SPLITS = ("weights only", "latents only")
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    q = qdq_int8(model, meta, z, labels, convs[-1:])
+    # Weights only: each QuantizeLinear -> DequantizeLinear pair on an activation becomes the ReLU that
+    # the quantizer folded into it (its uint8 range starts at 0).
+    inits = {t.name for t in q.graph.initializer}
+    act_q = {n.output[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    weights_only = onnx.ModelProto()
+    weights_only.CopyFrom(q)
+    nodes = []
+    for n in weights_only.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in act_q:
+            nodes.append(onnx.helper.make_node("Relu", [act_q[n.input[0]].input[0]], [n.output[0]]))
+        elif n.output[0] not in act_q:
+            nodes.append(n)
+    del weights_only.graph.node[:]
+    weights_only.graph.node.extend(nodes)
+    # Activations only: uint8 rounding (zero point 0: they follow a ReLU) after each ReLU of the float model.
+    eq = ptq.equalize(model, meta, z, labels)
+    relus = [n.output[0] for n in eq.graph.node if n.op_type == "Relu"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(eq)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(r) for r in relus)
+    ranges = [float(a.max()) for a in onnx_io.run_batched(onnx_io.session(probe, 2), meta, z, labels, outputs=relus)]
+    acts_only = onnx.ModelProto()
+    acts_only.CopyFrom(eq)
+    g = acts_only.graph
+    for n in g.node:
+        n.input[:] = [x + "_fq" if x in relus else x for x in n.input]
+    nodes = []
+    for n in g.node:
+        nodes.append(n)
+        if n.op_type == "Relu":
+            r = n.output[0]
+            g.initializer.extend([onnx.numpy_helper.from_array(np.array(ranges[relus.index(r)] / 255, np.float32), r + "_s"),
+                                  onnx.numpy_helper.from_array(np.array(0, np.uint8), r + "_zp")])
+            nodes += [onnx.helper.make_node("QuantizeLinear", [r, r + "_s", r + "_zp"], [r + "_q"]),
+                      onnx.helper.make_node("DequantizeLinear", [r + "_q", r + "_s", r + "_zp"], [r + "_fq"])]
+    del g.node[:]
+    g.node.extend(nodes)
+    return {"int8": within2(q), "weights only": within2(weights_only), "activations only": within2(acts_only)}
 
 
 def section(r: dict) -> str:
@@ -257,13 +272,12 @@ def section(r: dict) -> str:
         ]
     if "sensitivity" in r:
         sens = r["sensitivity"]["layers"]
-        per_layer = ", ".join(f"{name} {100 * frac:.1f} %" for name, frac in sens.items() if name not in SPLITS)
         lines += [
-            f"- Why the trained GAN misses the 99 %-within-2/255 gate (`{r['sensitivity']['model']}`): with only ONE "
-            f"layer int8 (as shipped: the Linear weight-only) and the rest float, the pixels within 2/255 are: "
-            f"{per_layer}. All weights in 8 bits with float activations: {100 * sens['weights only']:.1f} %; only the "
-            f"latent z rounded to 8 bits (what a QGemm first layer reads): {100 * sens['latents only']:.1f} %. So the "
-            "8-bit activations between the convolutions cost the gate; onnxruntime's int8 kernels take no wider ones.",
+            f"- Where the trained GAN's int8 error comes from (`{r['sensitivity']['model']}`), pixels within 2/255 of "
+            f"fp32: int8 as written by `edgegen quantize` {100 * sens['int8']:.1f} %; its 8-bit weights alone "
+            f"(activations float) {100 * sens['weights only']:.2f} %; 8-bit activations alone (weights float) "
+            f"{100 * sens['activations only']:.1f} %. So the 8-bit activations between the convolutions cost the "
+            "gate; onnxruntime's int8 kernels take no wider ones.",
         ]
     lines += ["", "<details><summary>raw figures</summary>", "", "```json",
               json.dumps({k: v for k, v in r.items() if k != "gates_int8"}, indent=1, default=float), "```",
@@ -276,7 +290,7 @@ def main() -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--no-levers", action="store_true", help="skip the pixel-shuffle comparison")
     ap.add_argument("--sensitivity", metavar="FP32_ONNX",
-                    help="also measure per-layer int8 sensitivity of this (trained) fp32 export")
+                    help="also measure where the int8 error of this (trained) fp32 export comes from")
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))

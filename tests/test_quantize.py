@@ -82,9 +82,15 @@ def test_gemm_bias_becomes_an_int8_weight_column(fp32, int8):
     for n in (1, 7):                                       # same function at any batch size
         z = np.random.default_rng(n).standard_normal((n, 16)).astype(np.float32)
         assert np.array_equal(_run(fp32, z), _run_model(moved, z))
-    # In the int8 file the weights grow by one int8 column and no int32 vector of `out` biases is left.
+    # In the int8 file the weights grow by one int8 column (stored one row group per channel of the
+    # conv the Linear feeds, with one scale each) and no int32 vector of `out` biases is left.
     q = {t.name: numpy_helper.to_array(t) for t in onnx.load(int8[0]).graph.initializer}
-    assert any(a.dtype == np.int8 and a.shape == (w.shape[0], w.shape[1] + 1) for a in q.values())
+    channels = next(numpy_helper.to_array(t) for t in src.graph.initializer
+                    if t.name == next(n for n in src.graph.node if n.op_type == "Conv").input[1]).shape[1]
+    weights = [a for a in q.values() if a.dtype == np.int8 and a.size == w.shape[0] * (w.shape[1] + 1)]
+    assert len(weights) == 1 and weights[0].shape[0] == channels
+    assert any(a.dtype == np.int64 and a.tolist() == [w.shape[0], w.shape[1] + 1] for a in q.values())
+    assert any(a.dtype == np.float16 and a.shape == (channels, 1) for a in q.values())    # the group scales
     assert not any(a.dtype == np.int32 and a.shape == (w.shape[0],) for a in q.values())
     assert all(len(name) < 40 for name in q)               # the quantizer's long suffixes are shortened
 

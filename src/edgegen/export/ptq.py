@@ -1,0 +1,219 @@
+"""Post-training refinements around the int8 quantizer, calibrated on the latent prior (no data set).
+
+Three published steps, measured on the shipped models in :mod:`edgegen.export.quantize`:
+
+* Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization"), before quantizing. An
+  int8 activation has one scale per tensor, so a channel that spans a tenth of its tensor's range
+  is rounded ten times more coarsely than it could be. Between a Gemm/Conv and the next Conv our
+  generators have only ReLU, Reshape and Resize, which all commute with a positive per-channel
+  scale, so dividing the producer's channel c (weights and bias) by s_c = r_c / max r (r_c its
+  calibrated range) and multiplying the consumer's input channel c by s_c computes the same
+  function in float, with every channel now spanning the whole uint8 range. The consumer's weights
+  of the small channels shrink against the others, which costs weight precision; with GPTQ below
+  that cost is small (measured: full equalization beat a per-layer trade-off of the two errors).
+* GPTQ weight rounding (Frantar et al. 2023), after quantizing. Rounding each int8 Conv weight
+  to its nearest grid point ignores that the errors of one output's weights add up over
+  correlated inputs. GPTQ rounds the weights one input column at a time and moves the error onto
+  the columns not yet rounded, weighted by the inverse of the inputs' second-moment matrix
+  H = E[x x^T] (from the float model on the calibration latents), which minimises the error of
+  the layer's output rather than of its weights. Same int8 grid and scales as onnxruntime's.
+* Bias correction (same paper as equalization), last. Rounded weights and activations shift each
+  output channel's mean by a fixed amount. Each Conv's float bias absorbs the mean error measured
+  on the calibration latents, in graph order, so every step sees the corrections before it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgegen.export import onnx_io
+from edgegen.modelmeta import ModelMeta
+
+_PASS_THROUGH = ("Reshape", "Resize")    # per-channel linear: commute with a channel's positive scale
+
+
+def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.NodeProto]]:
+    """``[(producer, relu_output, consumer)]``: Gemm/Conv -> Relu -> (Reshape | Resize)* -> Conv chains.
+
+    Only chains whose producer has an initializer weight and bias, whose consumer is an ungrouped
+    Conv with an initializer weight, and whose tensors have no other reader: there a per-channel
+    scale can move from one layer to the next without changing the function.
+    """
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    users = defaultdict(list)
+    for n in g.node:
+        for x in n.input:
+            users[x].append(n)
+    found = []
+    for p in g.node:
+        if p.op_type not in ("Gemm", "Conv") or len(p.input) < 3 or not {p.input[1], p.input[2]} <= inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in p.attribute}
+        if p.op_type == "Gemm" and (attrs.get("transA", 0) or not attrs.get("transB", 0)):
+            continue
+        nxt = users[p.output[0]]
+        if len(nxt) != 1 or nxt[0].op_type != "Relu":
+            continue
+        relu = t = nxt[0].output[0]
+        while len(users[t]) == 1 and users[t][0].op_type in _PASS_THROUGH:
+            t = users[t][0].output[0]
+        c = users[t]
+        if (len(c) == 1 and c[0].op_type == "Conv" and c[0].input[0] == t and c[0].input[1] in inits
+                and all(a.name != "group" or a.i == 1 for a in c[0].attribute)):
+            found.append((p, relu, c[0]))
+    return found
+
+
+def _moments(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None,
+             names: list[str], channels: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per channel of each tensor ``names[i]`` (viewed as (N, channels[i], -1)) over the calibration
+    latents: (max, mean), accumulated batch by batch."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    sess = onnx_io.session(probe, 2)
+    acc = [[np.full(c, -np.inf), np.zeros(c)] for c in channels]
+    count = [0] * len(names)
+    for i in range(0, len(z), 64):
+        lab = None if labels is None else labels[i:i + 64]
+        for k, a in enumerate(sess.run(names, onnx_io.feeds(meta, z[i:i + 64], lab))):
+            a = a.reshape(len(a), channels[k], -1).astype(np.float64)
+            acc[k][0] = np.maximum(acc[k][0], a.max(axis=(0, 2)))
+            acc[k][1] += a.sum(axis=(0, 2))
+            count[k] += a.shape[0] * a.shape[2]
+    return [(m, s1 / n) for (m, s1), n in zip(acc, count)]
+
+
+def equalize(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None) -> onnx.ModelProto:
+    """A copy of fp32 ``model`` with channel ranges equalized across every :func:`boundaries` chain.
+
+    Same function in float (up to float rounding). Ranges come from running ``model`` on the
+    calibration latents ``z`` (and ``labels``).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    chains = boundaries(out)
+    if not chains:
+        return out
+    inits = {t.name: t for t in out.graph.initializer}
+    arrays = {name: numpy_helper.to_array(inits[name]).astype(np.float64)
+              for p, _, c in chains for name in (p.input[1], p.input[2], c.input[1])}
+    stats = _moments(model, meta, z, labels, [r for _, r, _ in chains],
+                     [arrays[c.input[1]].shape[1] for _, _, c in chains])
+    for (p, _, c), (r, _) in zip(chains, stats):
+        wp, bp, wc = arrays[p.input[1]], arrays[p.input[2]], arrays[c.input[1]]
+        if wp.shape[0] % len(r) or r.max() <= 0:
+            continue
+        s = np.maximum(r / r.max(), 1e-6)                        # (C,); dead channels: any scale is exact
+        per_row = np.repeat(s, wp.shape[0] // len(s))            # Gemm rows c*hw .. (c+1)*hw - 1 are channel c
+        arrays[p.input[1]] = wp / per_row.reshape((-1,) + (1,) * (wp.ndim - 1))
+        arrays[p.input[2]] = bp / per_row
+        arrays[c.input[1]] = wc * s[None, :, None, None]         # a Conv is consumer here, producer next
+    for name, arr in arrays.items():
+        inits[name].CopyFrom(numpy_helper.from_array(arr.astype(np.float32), name))
+    return out
+
+
+def correct_biases(reference: onnx.ModelProto, qmodel: onnx.ModelProto, meta: ModelMeta, z: np.ndarray,
+                   labels: np.ndarray | None) -> onnx.ModelProto:
+    """``qmodel`` with each Conv's float bias shifted by its output's mean error against ``reference``.
+
+    ``reference`` is the float model ``qmodel`` was quantized from (same node names); the errors are
+    measured on the calibration latents, one Conv at a time in graph order.
+    """
+    ref_out = {n.name: n.output[0] for n in reference.graph.node if n.op_type == "Conv"}
+    inits = {t.name: t for t in qmodel.graph.initializer}
+    convs = [n for n in qmodel.graph.node if n.op_type == "Conv" and n.name in ref_out
+             and len(n.input) > 2 and n.input[2] in inits]
+    if not convs:
+        return qmodel
+    channels = [numpy_helper.to_array(inits[n.input[2]]).shape[0] for n in convs]
+    wanted = _moments(reference, meta, z, labels, [ref_out[n.name] for n in convs], channels)
+    for n, c, (_, want) in zip(convs, channels, wanted):
+        ((_, got),) = _moments(qmodel, meta, z, labels, [n.output[0]], [c])
+        bias = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
+        inits[n.input[2]].CopyFrom(numpy_helper.from_array((bias - (got - want)).astype(np.float32), n.input[2]))
+    return qmodel
+
+
+def round_weights(reference: onnx.ModelProto, qmodel: onnx.ModelProto, meta: ModelMeta, z: np.ndarray,
+                  labels: np.ndarray | None, damp: float = 0.01) -> onnx.ModelProto:
+    """``qmodel`` with the int8 weights of every QDQ Conv re-rounded by GPTQ (module docstring).
+
+    ``reference`` is the float model ``qmodel`` was quantized from (same node names); its Conv
+    inputs on the calibration latents give each layer's H, damped by ``damp`` times its mean
+    diagonal. Stride-1, ungrouped, undilated Convs only (all of edgegen's generators); others keep
+    onnxruntime's rounding.
+    """
+    ref = {n.name: n for n in reference.graph.node if n.op_type == "Conv"}
+    ref_inits = {t.name: t for t in reference.graph.initializer}
+    inits = {t.name: t for t in qmodel.graph.initializer}
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    jobs = []
+    for n in qmodel.graph.node:
+        dq = producer.get(n.input[1]) if n.op_type == "Conv" else None
+        if n.name not in ref or dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if attrs.get("group", 1) != 1 or any(v != 1 for v in (*attrs.get("strides", []), *attrs.get("dilations", []))):
+            continue
+        jobs.append((n, dq, attrs.get("pads", [0, 0, 0, 0])))
+    if not jobs:
+        return qmodel
+    weights = [numpy_helper.to_array(ref_inits[ref[n.name].input[1]]).astype(np.float64) for n, _, _ in jobs]
+    grams = _input_grams(reference, meta, z, labels, [ref[n.name].input[0] for n, _, _ in jobs],
+                         [w.shape[2:] for w in weights], [p for _, _, p in jobs])
+    for (n, dq, _), w, gram in zip(jobs, weights, grams):
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)        # (O,) onnxruntime's scales
+        q = _gptq(w.reshape(len(w), -1), gram, scale, damp)
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(q.reshape(w.shape), dq.input[0]))
+    return qmodel
+
+
+def _gptq(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, damp: float) -> np.ndarray:
+    """(O, d) float weights -> (O, d) int8 on the grid ``scale`` (O,), rounded column by column with
+    each column's error spread over the later columns through the Cholesky factor of H^-1."""
+    w = w.copy()
+    d = w.shape[1]
+    gram = gram + damp * float(np.mean(np.diag(gram)) or 1.0) * np.eye(d)
+    u = np.linalg.cholesky(np.linalg.inv(gram)).T                 # upper: H^-1 = u^T u
+    q = np.zeros(w.shape, dtype=np.int8)
+    for i in range(d):
+        qi = np.clip(np.round(w[:, i] / scale), -127, 127)
+        q[:, i] = qi
+        err = (w[:, i] - qi * scale) / u[i, i]                   # (O,)
+        w[:, i + 1:] -= np.outer(err, u[i, i + 1:])
+    return q
+
+
+def _input_grams(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None,
+                 names: list[str], kernels: list[tuple[int, int]], pads: list[list[int]]) -> list[np.ndarray]:
+    """For each Conv input tensor ``names[i]``: E[x x^T] over its im2col patches (C*kh*kw, C-major)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    sess = onnx_io.session(probe, 2)
+    grams: list[np.ndarray | float] = [0.0] * len(names)
+    count = [0] * len(names)
+    for i in range(0, len(z), 16):                                 # 16 latents: im2col stays ~30 MB
+        lab = None if labels is None else labels[i:i + 16]
+        for k, x in enumerate(sess.run(names, onnx_io.feeds(meta, z[i:i + 16], lab))):
+            cols = _im2col(x, kernels[k], pads[k])
+            grams[k] = grams[k] + (cols.T @ cols).astype(np.float64)
+            count[k] += len(cols)
+    return [g / c for g, c in zip(grams, count)]
+
+
+def _im2col(x: np.ndarray, kernel: tuple[int, int], pads: list[int]) -> np.ndarray:
+    """(N, C, H, W) -> (N * H' * W', C * kh * kw) stride-1 patches, zero-padded by ``pads`` (ONNX order)."""
+    kh, kw = kernel
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n, c, h, w = x.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    cols = np.stack([x[:, :, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], axis=2)   # (N, C, kh*kw, H', W')
+    return cols.reshape(n, c * kh * kw, ho * wo).transpose(0, 2, 1).reshape(-1, c * kh * kw)

@@ -1,0 +1,95 @@
+"""Post-training int8 refinements (edgegen.export.ptq): each step checked for what it promises.
+
+Tiny seeded generator from test_export; calibration latents from the prior, as ``edgegen quantize``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgegen.export import export_run, onnx_io, ptq
+from edgegen.export.quantize import CALIB_N, CALIB_SEED, qdq_int8
+
+from test_export import make_gan_run
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ptq")
+    run, _ = make_gan_run(root)
+    export_run(run, root / "g.onnx")
+    model, meta = onnx_io.load_model(root / "g.onnx")
+    z, _ = onnx_io.seeded_latents(meta, CALIB_N, CALIB_SEED)
+    return model, meta, z
+
+
+def _probe(model, meta, z, names):
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return onnx_io.run_batched(onnx_io.session(probe, 1), meta, z, None, outputs=names)
+
+
+def _channel_max(x, channels):
+    return x.reshape(len(x), channels, -1).max(axis=(0, 2))
+
+
+def test_boundaries_find_every_relu_chain(fp32):
+    model, *_ = fp32
+    chains = ptq.boundaries(model)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    # Linear -> conv0, conv0 -> conv1, ..., last hidden conv -> output conv (no ReLU after that one).
+    assert [p.op_type for p, _, _ in chains] == ["Gemm"] + ["Conv"] * (len(convs) - 1)
+    assert [c.name for _, _, c in chains] == convs
+
+
+def test_equalize_keeps_the_function_and_fills_every_channel(fp32):
+    model, meta, z = fp32
+    eq = ptq.equalize(model, meta, z, None)
+    chains = ptq.boundaries(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    channels = [inits[c.input[1]].shape[1] for _, _, c in chains]
+    names = [r for _, r, _ in chains] + [next(n.output[0] for n in model.graph.node if n.op_type == "Tanh")]
+    before, after = _probe(model, meta, z, names), _probe(eq, meta, z, names)
+    assert np.abs(before[-1] - after[-1]).max() < 1e-4                    # same images (tanh output)
+    for a, b, c in zip(before[:-1], after[:-1], channels):
+        ra, rb = _channel_max(a, c), _channel_max(b, c)
+        live = ra > 1e-3 * ra.max()
+        assert ra[live].min() < 0.9 * ra.max()                           # the ranges differed ...
+        np.testing.assert_allclose(rb[live], ra.max(), rtol=1e-4)        # ... and now all span the largest
+
+
+def test_gptq_beats_nearest_rounding_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 8)) @ rng.standard_normal((8, 24))     # (samples, d): rank-8, correlated
+    w = rng.standard_normal((6, 24))
+    scale = np.abs(w).max(axis=1) / 127.0
+    gram = x.T @ x / len(x)
+    q = ptq._gptq(w, gram, scale, damp=0.01)
+    nearest = np.round(w / scale[:, None])
+    assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127
+    assert np.abs(q - nearest).max() >= 1                                  # it really re-rounds ...
+    err = lambda ints: np.mean(((w - ints * scale[:, None]) @ x.T) ** 2)
+    assert err(q) < 0.5 * err(nearest)                                     # ... for a smaller output error
+
+
+def test_refined_int8_is_on_onnxruntime_grid_and_unbiased(fp32):
+    model, meta, z = fp32
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    q = qdq_int8(model, meta, z, None, convs[-1:])
+    reference = ptq.equalize(model, meta, z, None)
+    ref_out = {n.name: n.output[0] for n in reference.graph.node if n.op_type == "Conv"}
+    q_out = {n.name: n.output[0] for n in q.graph.node if n.op_type == "Conv"}
+    # Bias correction: every conv's output keeps the float model's mean per channel (calibration set);
+    # what is left is rounding noise with no systematic part.
+    for name in convs:
+        (a,) = _probe(reference, meta, z, [ref_out[name]])
+        (b,) = _probe(q, meta, z, [q_out[name]])
+        mean_a, mean_b = (t.reshape(len(t), t.shape[1], -1).mean(axis=(0, 2)) for t in (a, b))
+        assert np.abs(mean_a - mean_b).max() < 0.01 * (a - b).std()      # without it: 0.1 x the noise
+    # GPTQ kept onnxruntime's symmetric int8 grid: every DequantizeLinear weight is int8 within +-127.
+    ints = [numpy_helper.to_array(t) for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert ints and all(np.abs(a.astype(int)).max() <= 127 for a in ints)
