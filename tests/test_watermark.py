@@ -16,7 +16,7 @@ from edgegen import cli
 from edgegen.errors import EdgegenError
 from edgegen.safety import attacks
 from edgegen.safety.keys import key_fingerprint, load_key, write_key
-from edgegen.safety.watermark import Watermarker, chernoff_p
+from edgegen.safety.watermark import Watermarker, chernoff_p, null_p
 from edgegen.training.data import FASHION_MNIST_DIR, load_dataset
 
 KEY = bytes(range(32))
@@ -190,13 +190,18 @@ def test_unmarked_images_follow_the_null(wm):
     assert np.mean(p <= 0.05) <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / len(p))
 
 
-def test_chernoff_bound_is_valid():
+def test_null_tail_is_valid_and_tight():
     rng = np.random.default_rng(0)
-    s = np.cos(2 * np.pi * rng.random((200_000, 20))).sum(1)
-    for q in (4.0, 7.0, 10.0):
-        assert np.mean(s >= q) <= chernoff_p(np.array([q]), 20)[0]
-    assert chernoff_p(np.array([-3.0, 0.0]), 20).tolist() == [1.0, 1.0]
-    assert chernoff_p(np.array([20.0]), 20)[0] < 1e-30
+    s = np.cos(2 * np.pi * rng.random((400_000, 20))).sum(1)
+    for q in (2.0, 4.0, 7.0, 10.0):
+        empirical, se = np.mean(s >= q), np.sqrt(np.mean(s >= q) / len(s))
+        assert empirical <= null_p(np.array([q]), 20)[0] <= chernoff_p(np.array([q]), 20)[0]
+        assert null_p(np.array([q]), 20)[0] <= empirical + 4 * se + 20 / 1024   # exact up to the grid
+    # ~10x below the Chernoff bound at the detection threshold of the default watermarker (39 sync bits)
+    assert chernoff_p(np.array([22.0]), 39)[0] > 8 * null_p(np.array([22.0]), 39)[0]
+    grid = np.linspace(-25, 40, 2000)
+    assert np.all(np.diff(null_p(grid, 39)) <= 0)                                 # a proper tail
+    assert null_p(np.array([-20.0]), 20)[0] > 0.99 and null_p(np.array([20.0]), 20)[0] < 1e-30
 
 
 # ----------------------------------------------------------------------------- payload and inputs

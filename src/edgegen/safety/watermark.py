@@ -20,11 +20,16 @@ How it works (spread-transform dither modulation on a global low-frequency trans
   price of a weaker one on those few images.
 * Detection. Under the null (an unmarked image, or a different key) each residue
   theta_j = 2 pi (z_j / step - d_j - b_j / 2) is exactly uniform because d_j is, whatever
-  the host. The statistic S = sum_j cos(theta_j) over the sync projections therefore
-  has moment function I0(t)^n, and P[S >= s] <= min_t exp(-t s) I0(t)^n (Chernoff) is
-  an exact bound. The detector also tries a few attack inverses (a brightness offset on
-  the non-black pixels, a Gaussian blur); the reported p-value is the best one times the
-  number of hypotheses (Bonferroni), so it stays a true false-positive bound.
+  the host. The statistic S = sum_j cos(theta_j) over the sync projections therefore has
+  a known null distribution: the n-fold convolution of the arcsine law of cos(theta). Its
+  tail, computed on a grid where every cosine is rounded up (so the tail can only grow),
+  is the p-value; about 10x smaller than the Chernoff bound min_t exp(-t s) I0(t)^n at
+  the threshold, which takes over below 1e-9, where the grid's float error could matter.
+  The detector also tries a few attack inverses (a brightness offset on
+  the non-black pixels, a Gaussian blur, the noise floor of a black background); the
+  reported p-value is the best one divided by its share of the false-alarm budget (half for
+  the image as it is, the rest split evenly: weighted Bonferroni), so it stays a true
+  false-positive bound.
 * Payload. The payload is split into chunks of <= 8 bits, each coded with a fixed systematic
   binary code (by default rate 2/3: 16 bits on 24 projections, minimum distance 3) and read,
   only when the p-value passes, by soft maximum likelihood: the codeword whose signs best
@@ -45,6 +50,7 @@ from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
+from scipy.signal import fftconvolve
 from scipy.special import i0e
 
 from edgegen.errors import EdgegenError
@@ -192,7 +198,10 @@ def to_luma(images: np.ndarray) -> np.ndarray:
     return x
 
 
-# ----------------------------------------------------------------------------- Chernoff bound
+# ----------------------------------------------------------------------------- null distribution
+
+_TAIL_GRID = 1024          # cos(theta) rounded up to multiples of 1/1024: the sum moves by at most n/1024
+_TAIL_FLOOR = 1e-9         # below this the Chernoff bound answers (the FFT table's float error is ~1e-14)
 
 
 @lru_cache(maxsize=8)
@@ -221,6 +230,36 @@ def chernoff_p(score: np.ndarray, n: int) -> np.ndarray:
     return np.minimum(1.0, np.exp(-n * expo[idx]))
 
 
+@lru_cache(maxsize=8)
+def _tail_table(n: int) -> np.ndarray:
+    """Survival function of S' = sum of n cosines each rounded up to the grid: entry i is
+    P[S' >= (i - n * _TAIL_GRID) / _TAIL_GRID], plus a 1e-12 margin for the FFT's float error."""
+    k = np.arange(-_TAIL_GRID, _TAIL_GRID + 1)
+    edges = np.clip(np.concatenate([[k[0] - 1], k]) / _TAIL_GRID, -1.0, 1.0)
+    one = np.diff(-np.arccos(edges)) / np.pi                      # P[cos in ((k-1)/G, k/G]], arcsine law
+    pmf, power, m = np.array([1.0]), one, n
+    while m:                                                      # n-fold convolution by repeated squaring
+        if m & 1:
+            pmf = np.clip(fftconvolve(pmf, power), 0.0, None)
+        m >>= 1
+        if m:
+            power = np.clip(fftconvolve(power, power), 0.0, None)
+    return np.minimum(1.0, np.cumsum(pmf[::-1])[::-1] + 1e-12)
+
+
+def null_p(score: np.ndarray, n: int) -> np.ndarray:
+    """Upper bound on P[S >= score] for S a sum of n cosines of independent uniform angles.
+
+    The tail of the rounded-up sum (S' >= S always, so its tail bounds S's), read at the
+    grid point at or above ``score``; where that falls below 1e-9, the Chernoff bound.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    table = _tail_table(n)
+    idx = np.clip(np.ceil(score * _TAIL_GRID).astype(np.int64) + n * _TAIL_GRID, 0, len(table) - 1)
+    exact = np.where(score > n, 0.0, table[idx])
+    return np.minimum(chernoff_p(score, n), np.maximum(exact, _TAIL_FLOOR))
+
+
 # ----------------------------------------------------------------------------- the watermarker
 
 
@@ -240,7 +279,7 @@ class Watermarker:
                  threshold: float = DEFAULT_THRESHOLD, iterations: int = 6,
                  payload_projections: int | None = None, min_psnr: float | None = DEFAULT_MIN_PSNR,
                  offsets: Sequence[float] = (0.0, -8.0, -16.0, -24.0),
-                 blurs: Sequence[float] = (0.0, 0.7, 1.1)) -> None:
+                 blurs: Sequence[float] = (0.0, 0.7, 1.1), noise_floor: bool = True) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise EdgegenError(f"a watermark key must be {KEY_BYTES} bytes (load one with edgegen.safety.keys.load_key)")
         if not 2 <= band <= _MIN_SIDE:
@@ -270,7 +309,16 @@ class Watermarker:
         self._dither = _hmac_uniforms(key, f"dither/band={band}", k)    # (K,) in [0, 1)
         self._sync_bits = (_hmac_uniforms(key, f"sync/band={band}", self.n_sync) < 0.5).astype(np.float64)
         self._sync_offset = (self._dither[: self.n_sync] + self._sync_bits / 2.0).astype(np.float32)
-        self.hypotheses = [(float(o), float(b)) for o in offsets for b in blurs]
+        # Attack inverses the detector tries: (brightness offset, blur sigma, noise floor removed).
+        # The first, the image as it is, gets half the false-alarm budget (weighted Bonferroni):
+        # recompression, resizing and noise need no inverse; the others share the other half.
+        self.hypotheses = [(float(o), float(b), False) for o in offsets for b in blurs]
+        if noise_floor:
+            self.hypotheses.append((0.0, 0.0, True))
+        if self.hypotheses[0] != (0.0, 0.0, False):
+            raise EdgegenError("offsets and blurs must start with 0 (the image as it is)")
+        rest = len(self.hypotheses) - 1
+        self._weights = np.array([0.5 if rest else 1.0] + [0.5 / max(rest, 1)] * rest)
 
     def __repr__(self) -> str:  # never show the key
         return f"Watermarker(fingerprint={self.fingerprint}, payload_bits={self.payload_bits})"
@@ -370,21 +418,29 @@ class Watermarker:
     def scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per image and hypothesis: sync score S (N, H'), hard-matching sync bits (N, H'), and z (N, H', K).
 
-        Hypothesis (offset o, blur s): the pixels above 0 are shifted back by -o (undoing a
-        brightness change that clipped dark pixels) and each coefficient is divided by the
-        response of a Gaussian blur of s pixels. Exposed for benchmarks and tests.
+        Hypothesis (offset o, blur s, floor f): the pixels above 0 are shifted back by -o (undoing a
+        brightness change that clipped dark pixels), each coefficient is divided by the response
+        of a Gaussian blur of s pixels, and with f the dark background (3 x 3 mean below 4) loses
+        its mean (noise clipped at 0 lifts a black background by about sigma / 2.5). Exposed for
+        benchmarks and tests.
         """
         x, gray = _check_images(images)
         luma = x if gray else to_luma(x)
         n, h, w = luma.shape
-        both = band_coefficients(np.concatenate([luma, (luma > 0.5).astype(np.float32)]), self.band)
-        c_img, c_mask = both[:n], both[n:]
+        pad = np.pad(luma, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        rows = pad[:, :-2] + pad[:, 1:-1] + pad[:, 2:]                         # (N, H, W + 2)
+        dark = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:] < 36.0      # 3 x 3 mean below 4: background
+        floor = (luma * dark).sum(axis=(1, 2)) / np.maximum(dark.sum(axis=(1, 2)), 1)
+        both = band_coefficients(np.concatenate([luma, (luma > 0.5).astype(np.float32),
+                                                 dark.astype(np.float32)]), self.band)
+        c_img, c_mask, c_dark = both[:n], both[n:2 * n], both[2 * n:]
         u = np.arange(self.band)
         k = self.band * self.band - 1
         coef = np.empty((n, len(self.hypotheses), k), dtype=np.float32)
-        for i, (off, blur) in enumerate(self.hypotheses):
+        for i, (off, blur, fl) in enumerate(self.hypotheses):
             resp = np.exp(-0.5 * (blur * np.pi * u[:, None] / h) ** 2 - 0.5 * (blur * np.pi * u[None, :] / w) ** 2)
-            coef[:, i] = (c_img - np.float32(off) * c_mask) / resp.reshape(-1)[1:].astype(np.float32)
+            c = c_img - np.float32(off) * c_mask - (floor[:, None] * c_dark if fl else 0.0)
+            coef[:, i] = c / resp.reshape(-1)[1:].astype(np.float32)
         z, _ = self._normalised(coef.reshape(-1, k))
         z = z.reshape(n, len(self.hypotheses), k)
         cos = np.cos(np.float32(2.0 * np.pi) * (z[:, :, : self.n_sync] - self._sync_offset))
@@ -393,11 +449,12 @@ class Watermarker:
     def detect(self, images: np.ndarray) -> list[Detection]:
         """Detect the mark in each image of (N, H, W[, C]) uint8; one :class:`Detection` per image.
 
-        The p-value is the Chernoff bound of the best hypothesis times the number of
-        hypotheses; the payload is decoded (under that hypothesis) only when it passes.
+        The p-value is the smallest over hypotheses of the null tail (:func:`null_p`) divided by
+        the hypothesis' share of the false-alarm budget (weighted Bonferroni); the payload is
+        decoded (under that hypothesis) only when it passes.
         """
         score, match, z = self.scores(images)
-        p = np.minimum(1.0, len(self.hypotheses) * chernoff_p(score, self.n_sync))     # (N, H')
+        p = np.minimum(1.0, null_p(score, self.n_sync) / self._weights[None, :])     # (N, H')
         best = np.argmin(p - 1e-300 * score, axis=1)                     # ties (p = 1) -> highest score
         rows = np.arange(len(score))
         pv = p[rows, best]
@@ -405,7 +462,7 @@ class Watermarker:
         payload = np.zeros(len(rows), dtype=np.int64)
         if detected.any():
             payload[detected] = self._decode(z[rows[detected], best[detected]].astype(np.float64))
-        names = [f"offset={o:g},blur={b:g}" for o, b in self.hypotheses]
+        names = [f"offset={o:g},blur={b:g}" + (",floor" if f else "") for o, b, f in self.hypotheses]
         return [Detection(bool(d), float(q), int(pl) if d else None, int(m), self.n_sync, float(s), names[b])
                 for d, q, pl, m, s, b in zip(detected, pv, payload, match[rows, best], score[rows, best], best)]
 
