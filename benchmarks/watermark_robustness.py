@@ -115,9 +115,9 @@ def picture(res64: dict, path: Path) -> None:
 
 
 def required_psnr(psnr_now: float, margin_log10p: float, threshold: float = 1e-6) -> float:
-    """Rough PSNR at which the median image would reach the threshold: the Chernoff exponent
-    grows about linearly in mark energy at low SNR, so scale energy by log(p_needed)/log(p_now)."""
-    if margin_log10p > -1e-3:                      # no signal left: no finite answer
+    """Rough PSNR at which the median image would reach the threshold: the log null tail grows
+    about linearly in mark energy at low SNR, so scale energy by log(p_needed)/log(p_now)."""
+    if margin_log10p > -1.0:                       # p > 0.1: no signal left to extrapolate from
         return float("nan")
     return psnr_now - 10 * np.log10(np.log10(threshold) / margin_log10p)
 
@@ -193,7 +193,7 @@ def main() -> None:
         f"Every image is marked at ≥ {wm.min_psnr} dB (the per-image floor scales down the few marks that "
         "would cost more: dark images with small objects).",
         "",
-        "The PSNR-needed column is a rough extrapolation (the Chernoff exponent scales about linearly "
+        "The PSNR-needed column is a rough extrapolation (the log null tail scales about linearly "
         "with mark energy at low SNR); '—' where the median image already passes.",
         "",
         f"![unmarked (top), marked (middle), |difference| × 20 (bottom), 64×64](img/{section}.png)",
