@@ -137,6 +137,22 @@ def test_attacks_64px(wm, name, attack, minimum):
     assert rate(wm.detect(a)) >= minimum, name
 
 
+def test_attack_inverses_recover_clipped_brightness(wm):
+    # Brightening clips the white pixels and noise clips at black: images the plain detector misses,
+    # the matching inverse (a highlight offset, the noise floor) finds; a detector without them does not.
+    from edgegen.safety.watermark import Watermarker
+
+    bare = Watermarker(KEY, highlight=None, noise_floor=False)
+    m = wm.embed(fmnist(64, 200, offset=300), 1)
+    for attacked, hypothesis in ((attacks.brightness(m, 20), "offset=8,blur=0"),
+                                 (attacks.gaussian_noise(m, 5.0, seed=2), "offset=0,blur=0,floor")):
+        dets, bare_dets = wm.detect(attacked), bare.detect(attacked)
+        assert rate(dets) > rate(bare_dets)
+        assert any(d.detected and d.hypothesis == hypothesis for d in dets)
+    with pytest.raises(EdgegenError, match="offsets must be <= 0"):
+        Watermarker(KEY, offsets=(0.0, 8.0))
+
+
 def test_payload_after_jpeg(wm):
     payloads = np.arange(40) * 1601 % 65536
     m = wm.embed(fmnist(64, 40, offset=200), payloads)

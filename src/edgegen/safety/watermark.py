@@ -25,8 +25,8 @@ How it works (spread-transform dither modulation on a global low-frequency trans
   tail, computed on a grid where every cosine is rounded up (so the tail can only grow),
   is the p-value; about 10x smaller than the Chernoff bound min_t exp(-t s) I0(t)^n at
   the threshold, which takes over below 1e-9, where the grid's float error could matter.
-  The detector also tries a few attack inverses (a brightness offset on
-  the non-black pixels, a Gaussian blur, the noise floor of a black background); the
+  The detector also tries a few attack inverses (a brightness offset on the non-black
+  pixels or on the white ones, a Gaussian blur, the noise floor of a black background); the
   reported p-value is the best one divided by its share of the false-alarm budget (half for
   the image as it is, the rest split evenly: weighted Bonferroni), so it stays a true
   false-positive bound.
@@ -279,7 +279,8 @@ class Watermarker:
                  threshold: float = DEFAULT_THRESHOLD, iterations: int = 6,
                  payload_projections: int | None = None, min_psnr: float | None = DEFAULT_MIN_PSNR,
                  offsets: Sequence[float] = (0.0, -8.0, -16.0, -24.0),
-                 blurs: Sequence[float] = (0.0, 0.7, 1.1), noise_floor: bool = True) -> None:
+                 blurs: Sequence[float] = (0.0, 0.7, 1.1), highlight: float | None = 8.0,
+                 noise_floor: bool = True) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise EdgegenError(f"a watermark key must be {KEY_BYTES} bytes (load one with edgegen.safety.keys.load_key)")
         if not 2 <= band <= _MIN_SIDE:
@@ -309,10 +310,15 @@ class Watermarker:
         self._dither = _hmac_uniforms(key, f"dither/band={band}", k)    # (K,) in [0, 1)
         self._sync_bits = (_hmac_uniforms(key, f"sync/band={band}", self.n_sync) < 0.5).astype(np.float64)
         self._sync_offset = (self._dither[: self.n_sync] + self._sync_bits / 2.0).astype(np.float32)
-        # Attack inverses the detector tries: (brightness offset, blur sigma, noise floor removed).
+        # Attack inverses the detector tries: (brightness offset, blur sigma, noise floor removed);
+        # a positive offset raises the white pixels instead (a brightening that clipped them).
         # The first, the image as it is, gets half the false-alarm budget (weighted Bonferroni):
         # recompression, resizing and noise need no inverse; the others share the other half.
+        if any(o > 0 for o in offsets) or (highlight is not None and highlight <= 0):
+            raise EdgegenError("offsets must be <= 0 (darkening) and highlight > 0 (brightening)")
         self.hypotheses = [(float(o), float(b), False) for o in offsets for b in blurs]
+        if highlight is not None:
+            self.hypotheses.append((float(highlight), 0.0, False))
         if noise_floor:
             self.hypotheses.append((0.0, 0.0, True))
         if self.hypotheses[0] != (0.0, 0.0, False):
@@ -418,11 +424,12 @@ class Watermarker:
     def scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per image and hypothesis: sync score S (N, H'), hard-matching sync bits (N, H'), and z (N, H', K).
 
-        Hypothesis (offset o, blur s, floor f): the pixels above 0 are shifted back by -o (undoing a
-        brightness change that clipped dark pixels), each coefficient is divided by the response
-        of a Gaussian blur of s pixels, and with f the dark background (3 x 3 mean below 4) loses
-        its mean (noise clipped at 0 lifts a black background by about sigma / 2.5). Exposed for
-        benchmarks and tests.
+        Hypothesis (offset o, blur s, floor f): for o < 0 the pixels above 0 are shifted back by -o
+        (undoing a darkening that clipped dark pixels), for o > 0 the white pixels (255) are raised
+        by o (they lost what a brightening pushed above 255); each coefficient is divided by the
+        response of a Gaussian blur of s pixels; with f the dark background (3 x 3 mean below 4)
+        loses its mean (noise clipped at 0 lifts a black background by about sigma / 2.5). Exposed
+        for benchmarks and tests.
         """
         x, gray = _check_images(images)
         luma = x if gray else to_luma(x)
@@ -431,15 +438,17 @@ class Watermarker:
         rows = pad[:, :-2] + pad[:, 1:-1] + pad[:, 2:]                         # (N, H, W + 2)
         dark = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:] < 36.0      # 3 x 3 mean below 4: background
         floor = (luma * dark).sum(axis=(1, 2)) / np.maximum(dark.sum(axis=(1, 2)), 1)
-        both = band_coefficients(np.concatenate([luma, (luma > 0.5).astype(np.float32),
+        both = band_coefficients(np.concatenate([luma, (luma > 0.5).astype(np.float32), (luma > 254.5).astype(np.float32),
                                                  dark.astype(np.float32)]), self.band)
-        c_img, c_mask, c_dark = both[:n], both[n:2 * n], both[2 * n:]
+        c_img, c_mask, c_white, c_dark = both[:n], both[n:2 * n], both[2 * n:3 * n], both[3 * n:]
         u = np.arange(self.band)
         k = self.band * self.band - 1
         coef = np.empty((n, len(self.hypotheses), k), dtype=np.float32)
         for i, (off, blur, fl) in enumerate(self.hypotheses):
             resp = np.exp(-0.5 * (blur * np.pi * u[:, None] / h) ** 2 - 0.5 * (blur * np.pi * u[None, :] / w) ** 2)
-            c = c_img - np.float32(off) * c_mask - (floor[:, None] * c_dark if fl else 0.0)
+            c = c_img - np.float32(min(off, 0.0)) * c_mask + np.float32(max(off, 0.0)) * c_white
+            if fl:
+                c = c - floor[:, None] * c_dark
             coef[:, i] = c / resp.reshape(-1)[1:].astype(np.float32)
         z, _ = self._normalised(coef.reshape(-1, k))
         z = z.reshape(n, len(self.hypotheses), k)
