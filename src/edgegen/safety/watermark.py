@@ -321,7 +321,7 @@ class Watermarker:
             self.hypotheses.append((float(highlight), 0.0, False))
         if noise_floor:
             self.hypotheses.append((0.0, 0.0, True))
-        if self.hypotheses[0] != (0.0, 0.0, False):
+        if not self.hypotheses or self.hypotheses[0] != (0.0, 0.0, False):
             raise EdgegenError("offsets and blurs must start with 0 (the image as it is)")
         rest = len(self.hypotheses) - 1
         self._weights = np.array([0.5 if rest else 1.0] + [0.5 / max(rest, 1)] * rest)
