@@ -308,8 +308,8 @@ def split_taps(model: onnx.ModelProto, names: list[str], max_maps: int = 32) -> 
     fixed kh x kw Conv that adds each output's tap maps, shifted, plus the bias (it keeps the name).
     onnxruntime's NCHWc kernel pads a conv's outputs to blocks of 16 channels, so a 1-output 3x3
     conv costs as much as a 16-output one, while the 1x1 conv is a plain GEMM: measured on the
-    default GAN's int8 model, 1.09x faster at batch 64 and 1.04x at batch 1 (median of 25
-    alternating rounds). The fixed kernel is built in-graph from ``EyeLike`` (folded at load).
+    default GAN's int8 model, 1.08x faster at batch 64 and 1.02-1.04x at batch 1 (medians of 25
+    alternating rounds, two runs). The fixed kernel is built in-graph from ``EyeLike`` (folded at load).
     """
     g = model.graph
     inits = {t.name: t for t in g.initializer}
