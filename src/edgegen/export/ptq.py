@@ -69,19 +69,33 @@ def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.N
     return found
 
 
-def _moments(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None,
-             names: list[str], channels: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per channel of each tensor ``names[i]`` (viewed as (N, channels[i], -1)) over the calibration
-    latents: (max, mean), accumulated batch by batch."""
+def is_plain_conv(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is a Conv with stride 1, no dilation and one group (every conv of our generators)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return (node.op_type == "Conv" and attrs.get("group", 1) == 1
+            and all(v == 1 for v in (*attrs.get("strides", []), *attrs.get("dilations", []))))
+
+
+def _probed(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None,
+            names: list[str], batch: int):
+    """Yield, batch by batch of the calibration latents, the values of the tensors ``names``."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
     sess = onnx_io.session(probe, 2)
+    for i in range(0, len(z), batch):
+        lab = None if labels is None else labels[i:i + batch]
+        yield sess.run(names, onnx_io.feeds(meta, z[i:i + batch], lab))
+
+
+def _moments(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None,
+             names: list[str], channels: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per channel of each tensor ``names[i]`` (viewed as (N, channels[i], -1)) over the calibration
+    latents: (max, mean), accumulated batch by batch."""
     acc = [[np.full(c, -np.inf), np.zeros(c)] for c in channels]
     count = [0] * len(names)
-    for i in range(0, len(z), 64):
-        lab = None if labels is None else labels[i:i + 64]
-        for k, a in enumerate(sess.run(names, onnx_io.feeds(meta, z[i:i + 64], lab))):
+    for values in _probed(model, meta, z, labels, names, 64):
+        for k, a in enumerate(values):
             a = a.reshape(len(a), channels[k], -1).astype(np.float64)
             acc[k][0] = np.maximum(acc[k][0], a.max(axis=(0, 2)))
             acc[k][1] += a.sum(axis=(0, 2))
@@ -157,12 +171,11 @@ def round_weights(reference: onnx.ModelProto, qmodel: onnx.ModelProto, meta: Mod
     jobs = []
     for n in qmodel.graph.node:
         dq = producer.get(n.input[1]) if n.op_type == "Conv" else None
-        if n.name not in ref or dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        if (n.name not in ref or dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits
+                or not is_plain_conv(n)):
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        if attrs.get("group", 1) != 1 or any(v != 1 for v in (*attrs.get("strides", []), *attrs.get("dilations", []))):
-            continue
-        jobs.append((n, dq, attrs.get("pads", [0, 0, 0, 0])))
+        pads = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "pads"), [0, 0, 0, 0])
+        jobs.append((n, dq, pads))
     if not jobs:
         return qmodel
     weights = [numpy_helper.to_array(ref_inits[ref[n.name].input[1]]).astype(np.float64) for n, _, _ in jobs]
@@ -194,15 +207,10 @@ def _gptq(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, damp: float) -> np
 def _input_grams(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.ndarray | None,
                  names: list[str], kernels: list[tuple[int, int]], pads: list[list[int]]) -> list[np.ndarray]:
     """For each Conv input tensor ``names[i]``: E[x x^T] over its im2col patches (C*kh*kw, C-major)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    sess = onnx_io.session(probe, 2)
     grams: list[np.ndarray | float] = [0.0] * len(names)
     count = [0] * len(names)
-    for i in range(0, len(z), 16):                                 # 16 latents: im2col stays ~30 MB
-        lab = None if labels is None else labels[i:i + 16]
-        for k, x in enumerate(sess.run(names, onnx_io.feeds(meta, z[i:i + 16], lab))):
+    for values in _probed(model, meta, z, labels, names, 16):     # 16 latents: im2col stays ~30 MB
+        for k, x in enumerate(values):
             cols = _im2col(x, kernels[k], pads[k])
             grams[k] = grams[k] + (cols.T @ cols).astype(np.float64)
             count[k] += len(cols)

@@ -235,9 +235,11 @@ def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
     int8_linear = {n.input[1]: groups.get(n.input[1], 1) for n in linear if n.name not in float_nodes}
     qmodel = _int8_weights(qmodel, int8_linear)
     qmodel = split_taps(qmodel, float_nodes)
-    # The float convs' weights and the Gemm scales are stored in float16 (their arithmetic stays float32).
-    qmodel = _fp16(qmodel, {n.input[1] for n in qmodel.graph.node if n.op_type == "Conv"
-                            and n.name.removesuffix("_taps") in float_nodes} | {name + "_s" for name in int8_linear})
+    # The float convs' weights (the only Conv weights still initializers) and the Gemm scales are
+    # stored in float16; their arithmetic stays float32.
+    stored = {t.name for t in qmodel.graph.initializer}
+    qmodel = _fp16(qmodel, {n.input[1] for n in qmodel.graph.node if n.op_type == "Conv" and n.input[1] in stored}
+                   | {name + "_s" for name in int8_linear})
     qmodel = ptq.round_weights(reference, qmodel, meta, z, labels)
     qmodel = ptq.correct_biases(reference, qmodel, meta, z, labels)
     return _short_names(_drop_zero_points(qmodel))
@@ -317,10 +319,8 @@ def split_taps(model: onnx.ModelProto, names: list[str], max_maps: int = 32) -> 
     nodes, split = [], set()
     for n in g.node:
         attrs = {a.name: h.get_attribute_value(a) for a in n.attribute}
-        w = numpy_helper.to_array(inits[n.input[1]]) if n.op_type == "Conv" and n.input[1] in inits else None
-        if (w is None or n.name not in names or w.ndim != 4 or attrs.get("group", 1) != 1
-                or any(v != 1 for v in (*attrs.get("strides", []), *attrs.get("dilations", [])))
-                or w.shape[0] * w.shape[2] * w.shape[3] > max_maps):
+        w = numpy_helper.to_array(inits[n.input[1]]) if ptq.is_plain_conv(n) and n.input[1] in inits else None
+        if w is None or n.name not in names or w.ndim != 4 or w.shape[0] * w.shape[2] * w.shape[3] > max_maps:
             nodes.append(n)
             continue
         o, c, kh, kw = w.shape
