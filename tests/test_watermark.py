@@ -14,7 +14,7 @@ import pytest
 
 from edgegen import cli
 from edgegen.errors import EdgegenError
-from edgegen.safety import attacks
+from edgegen.safety import attacks, watermark
 from edgegen.safety.keys import key_fingerprint, load_key, write_key
 from edgegen.safety.watermark import Watermarker, chernoff_p, null_p
 from edgegen.training.data import FASHION_MNIST_DIR, load_dataset
@@ -174,6 +174,17 @@ def test_payload_code_corrects_errors(wm):
     z[np.arange(wm.n_pay), wm.n_sync + np.arange(wm.n_pay)] += 0.5
     assert (wm._decode(z) == 0xA5C3).all()
     assert (wm._decode(z[:1] - np.r_[np.zeros(wm.n_sync), np.full(wm.n_pay, 0.5)]) != 0xA5C3).all()
+
+
+def test_payload_read_through_a_gain_error(wm, monkeypatch):
+    # Ideal projections of payload 0x5A3C at the magnitudes real images give (|z| 10..25 lattice
+    # units), then the image's gain estimate off by 1.6 %: residues move by up to 0.4 of a step.
+    rng = np.random.default_rng(3)
+    k = wm.n_sync + wm.n_pay
+    z = (wm._dither + wm._bits(0x5A3C, 1)[0] / 2.0 + rng.integers(10, 25, k) * rng.choice([-1, 1], k)) / 1.016
+    assert wm._decode(z[None])[0] == 0x5A3C
+    monkeypatch.setattr(watermark, "_PAYLOAD_GAINS", np.array([1.0]))    # without the gain search: wrong
+    assert wm._decode(z[None])[0] != 0x5A3C
 
 
 def test_geometric_attacks_are_not_claimed(wm):

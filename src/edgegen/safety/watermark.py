@@ -33,7 +33,8 @@ How it works (spread-transform dither modulation on a global low-frequency trans
 * Payload. The payload is split into chunks of <= 8 bits, each coded with a fixed systematic
   binary code (by default rate 2/3: 16 bits on 24 projections, minimum distance 3) and read,
   only when the p-value passes, by soft maximum likelihood: the codeword whose signs best
-  match cos(2 pi residue) of its projections. The other K - 24 = 39 projections are sync.
+  match cos(2 pi residue) of its projections, at the small gain correction (0.98..1.02) that best
+  fits the sync and payload projections together. The other K - 24 = 39 projections are sync.
 * Speed. Up to 128 x 128 pixels the transform is one float32 matmul with a dense basis
   cached per image size (separable above); all hypotheses are scored in one batch.
 
@@ -64,6 +65,7 @@ _MAX_SIDE = 4096
 _G_FLOOR = 0.5          # grey levels added (in quadrature) to the gain so flat images still embed
 _DENSE_MAX = 128 * 128  # up to this many pixels the transform is one dense matmul, above it separable
 _MIN_SYNC = 24          # sync projections kept however long the payload is
+_PAYLOAD_GAINS = np.linspace(0.98, 1.02, 21)   # gain corrections tried when reading a payload (Watermarker._decode)
 DEFAULT_MIN_PSNR = 36.5  # dB: a mark never costs more (measured: at 64 px 1 % of images hit it, detection unchanged)
 
 
@@ -351,15 +353,30 @@ class Watermarker:
         """(M, K) lattice-unit projections -> (M,) payloads, soft maximum likelihood per code chunk.
 
         A payload projection's residue is near 0 for bit 0 and near 1/2 for bit 1, so cos(2 pi
-        residue) is a soft bit; the codeword with the largest correlation wins.
+        residue) is a soft bit; the codeword with the largest correlation wins. The image's gain
+        estimate is off by up to ~1 % after recompression, resizing or the embedder's own rounding
+        and clipping, which moves a projection of z lattice units (|z| up to ~20) by z / 100: so the
+        projections are read at the gain correction a in ``_PAYLOAD_GAINS`` that maximises the sync
+        score plus the best codeword correlations (measured at 32 px after JPEG q75: 92.7 -> 95.4 %
+        of payloads exact). Detection does not search over a: that would cost Bonferroni.
         """
-        soft = np.cos(2.0 * np.pi * (z[:, self.n_sync:] - self._dither[self.n_sync:])).astype(np.float32)
+        z = np.asarray(z, dtype=np.float32)
+        dither = self._dither.astype(np.float32)
+        sync_sign = (1.0 - 2.0 * self._sync_bits).astype(np.float32)          # cos(t - pi b) = (-1)^b cos t
+        signs = [(1.0 - 2.0 * _code(bits, length)).T for bits, length in self._chunks]
+        best_total = np.full(len(z), -np.inf, dtype=np.float32)
         out = np.zeros(len(z), dtype=np.int64)
-        start = shift = 0
-        for bits, length in self._chunks:
-            sign = 1.0 - 2.0 * _code(bits, length)
-            out |= np.argmax(soft[:, start:start + length] @ sign.T, axis=1).astype(np.int64) << shift
-            start, shift = start + length, shift + bits
+        for a in _PAYLOAD_GAINS.astype(np.float32):
+            res = np.cos(np.float32(2.0 * np.pi) * (a * z - dither))                 # (M, K) soft bits
+            total, payload = res[:, :self.n_sync] @ sync_sign, np.zeros(len(z), dtype=np.int64)
+            start = shift = 0
+            for (bits, length), sign in zip(self._chunks, signs):
+                corr = res[:, self.n_sync + start:self.n_sync + start + length] @ sign      # (M, 2**bits)
+                total = total + corr.max(axis=1)
+                payload |= np.argmax(corr, axis=1).astype(np.int64) << shift
+                start, shift = start + length, shift + bits
+            better = total > best_total
+            best_total[better], out[better] = total[better], payload[better]
         return out
 
     def _normalised(self, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
