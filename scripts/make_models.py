@@ -182,7 +182,8 @@ def quality_section(catalogue: dict) -> str:
                      f"2/255 (≥ 99 %) — {verdict}; int8 file {rec['size_bytes']['int8'] / 1e3:.0f} kB, "
                      f"{rec['size_bytes']['fp32'] / rec['size_bytes']['int8']:.2f}x smaller than fp32 "
                      f"({rec['size_bytes']['fp32'] / 1e3:.0f} kB; target 3.9x)."
-                     + (f" VAE test −ELBO {q['test_neg_elbo']:.1f} nats/image; prior sampling FCD "
+                     + (f" VAE test −ELBO {q['test_neg_elbo']:.1f} nats/image (a Gaussian density, σ = 0.1 on pixels in "
+                        "[−1, 1], so it can be below 0); prior sampling FCD "
                         f"{q['fp32_prior']['fcd']:.3f} vs ex-post {q['fp32']['fcd']:.3f}." if "fp32_prior" in q else ""))
     lines += ["", f"Memorization audit of {AUDIT_N:,} images of each shipped int8 model (seed 0) against the bundled "
               "training-set index, at the index's calibrated false-flag rate:", ""]
