@@ -75,7 +75,7 @@ DEFAULT_GAINS = tuple(1.01 ** k for k in range(-36, 37) if k)   # contrast hypot
 _DENSE_MAX = 128 * 128  # up to this many pixels the transform is one dense matmul, above it separable
 _MIN_SYNC = 24          # sync projections kept however long the payload is
 _PAYLOAD_GAINS = np.linspace(0.98, 1.02, 21)   # gain corrections tried when reading a payload (Watermarker._decode)
-DEFAULT_MIN_PSNR = 36.5  # dB: a mark never costs more (measured: at 64 px 1 % of images hit it, detection unchanged)
+DEFAULT_MIN_PSNR = 36.5  # dB: a mark never costs more (measured on Fashion-MNIST: 1.3 % of images hit it at 32 px, none at 64)
 
 
 @dataclass(frozen=True)
@@ -381,8 +381,9 @@ class Watermarker:
         estimate is off by up to ~1 % after recompression, resizing or the embedder's own rounding
         and clipping, which moves a projection of z lattice units (|z| up to ~20) by z / 100: so the
         projections are read at the gain correction a in ``_PAYLOAD_GAINS`` that maximises the sync
-        score plus the best codeword correlations (measured at 32 px after JPEG q75: 92.7 -> 95.4 %
-        of payloads exact). Detection does not search over a: that would cost Bonferroni.
+        score plus the best codeword correlations (measured at 32 px after JPEG q75, before the gain
+        floor: 92.7 -> 95.4 % of payloads exact). Detection does not search over a: that would cost
+        Bonferroni.
         """
         z = np.asarray(z, dtype=np.float32)
         dither = self._dither.astype(np.float32)
@@ -521,7 +522,7 @@ class Watermarker:
         detected = pv <= self.threshold
         payload = np.zeros(len(rows), dtype=np.int64)
         if detected.any():
-            payload[detected] = self._decode(z[rows[detected], best[detected]].astype(np.float64))
+            payload[detected] = self._decode(z[rows[detected], best[detected]])
         names = [self._names[b] + (f"={g:.3f}" if b >= len(self.hypotheses) else "")
                  for b, g in zip(best, gain[rows, best])]
         return [Detection(bool(d), float(q), int(pl) if d else None, int(m), self.n_sync, float(s), name)
