@@ -303,6 +303,16 @@ def test_missing_and_bad_keys(tmp_path, monkeypatch):
     assert load_key(None) == key
     with pytest.raises(EdgegenError, match="already exists"):
         write_key(good)
+    # A mistyped key (one digit short) in the variable, or key digits passed as --key, is never echoed.
+    monkeypatch.setenv("EDGEGEN_WATERMARK_KEY", KEY.hex()[:-1])
+    with pytest.raises(EdgegenError, match="value not shown") as e:
+        load_key(None)
+    assert KEY.hex()[:-1] not in str(e.value)
+    with pytest.raises(EdgegenError, match="looks like key digits") as e:
+        load_key(KEY.hex())
+    assert KEY.hex() not in str(e.value)
+    with pytest.raises(EdgegenError, match="nosuch.key: cannot read"):
+        load_key(tmp_path / "nosuch.key")
 
 
 def test_safety_never_imports_torch():

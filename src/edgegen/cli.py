@@ -1,7 +1,8 @@
 """The ``edgegen`` command: one subcommand per job, each a thin layer over the library.
 
 Stage imports happen inside the handlers, so ``edgegen generate`` never imports torch and
-start-up stays fast. Every :class:`EdgegenError` becomes one line on stderr and exit code 2.
+start-up stays fast. Every :class:`EdgegenError` (and any OSError: disk full, permissions) becomes one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ import sys
 
 from edgegen import __version__
 from edgegen.errors import EdgegenError
+
+
+def _output(path: str | None, suffix: str, option: str) -> str | None:
+    """Refuse an output file name without ``suffix``: a mistyped path must not overwrite an input
+    (a checkpoint, an image, the index being read) with a file of another kind."""
+    if path is not None and not path.lower().endswith(suffix):
+        raise EdgegenError(f"{option} {path}: expected a {suffix} file name")
+    return path
 
 
 # ----------------------------------------------------------------------------- training
@@ -39,6 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from edgegen.training.evaluate import evaluate_target
 
+    _output(args.json, ".json", "--json")
     report = evaluate_target(args.target, n=args.n, seed=args.seed, data=args.data,
                              classifier=args.classifier, label=args.label)
     print(report.format())
@@ -54,7 +64,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from edgegen.export.onnx_export import export_run
 
-    meta = export_run(args.run, args.out, expost=not args.prior)
+    meta = export_run(args.run, _output(args.out, ".onnx", "--out"), expost=not args.prior)
     extra = f", encoder {meta.extra['encoder']}" if meta.kind == "vae-decoder" else ""
     print(f"wrote {args.out}: {meta.kind}, {meta.image_size}x{meta.image_size}x{meta.channels}, "
           f"parity {meta.parity_max_abs:.1e}, sampling {meta.sampling}{extra}")
@@ -64,7 +74,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from edgegen.export.quantize import quantize_model
 
-    meta = quantize_model(args.model, args.out, mode=args.mode, force=args.force)
+    meta = quantize_model(args.model, _output(args.out, ".onnx", "--out"), mode=args.mode, force=args.force)
     g = meta.extra.get("gates", {})
     figures = [f"median PSNR {g['psnr_median_db']:.1f} dB", f"{100 * g['within_2_frac']:.2f} % of pixels within 2/255"]
     if "fcd_change_rel" in g:
@@ -114,6 +124,8 @@ def _audit_stages(args: argparse.Namespace) -> tuple:
         if args.on_copy != "flag" or args.audit_fpr is not None:
             raise EdgegenError("--on-copy / --audit-fpr need --audit INDEX")
         return ()
+    if args.audit_fpr is not None and not 0.0 < args.audit_fpr < 1.0:
+        raise EdgegenError(f"--audit-fpr must be between 0 and 1, got {args.audit_fpr}")
     from pathlib import Path
 
     from edgegen.runtime.stages import AuditStage
@@ -126,6 +138,8 @@ def _audit_stages(args: argparse.Namespace) -> tuple:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from edgegen.runtime.pipeline import run_generate
 
+    if args.model_name and args.model:
+        raise EdgegenError(f"two models given ({args.model} and --model {args.model_name}); give one")
     model = _model_arg(args.model_name or args.model)
     if not model.is_file():
         raise EdgegenError(f"{model}: no such model file")
@@ -165,6 +179,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from edgegen.runtime.bench import format_table, run_bench
 
     model = _model_arg(args.model)
+    _output(args.json, ".json", "--json")
     res = run_bench(model, torch_run=args.torch, threads=args.threads, seconds=args.seconds,
                     fp32=args.fp32, int8=args.int8, fp16=args.fp16)
     m = res["machine"]
@@ -190,7 +205,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def _cmd_watermark_embed(args: argparse.Namespace) -> int:
     from edgegen.safety.wmfiles import embed_files
 
-    embed_files(args.images, args.out, key_path=args.key, payload=args.payload)
+    embed_files(args.images, args.out, key_path=args.key, payload=args.payload, force=args.force)
     return 0
 
 
@@ -207,6 +222,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     from edgegen.safety.index import build_index
     from edgegen.training.data import load_dataset
 
+    _output(args.out, ".idx", "--out")
     train = load_dataset(args.data, "train", args.size, args.channels, args.skip_bad)
     held = load_dataset(args.data, "test", args.size, args.channels, args.skip_bad)
     if args.heldout_n:
@@ -226,16 +242,23 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from edgegen.safety.index import HashIndex
     from edgegen.safety.sources import model_batches, read_folder
 
+    _output(args.report, ".html", "--report")
+    _output(args.json, ".json", "--json")
+    target = Path(args.target)
+    if not target.exists():
+        raise EdgegenError(f"{target}: no such folder or model file")
+    if target.is_dir() and args.n is not None:
+        raise EdgegenError(f"-n applies when auditing a model; {target} is a folder (every image is audited)")
+    n = 10_000 if args.n is None else args.n
+    if n < 1:
+        raise EdgegenError(f"-n must be a positive number of images, got {n}")
     index = HashIndex.load(args.index)
     auditor = Auditor(index, fpr=args.fpr)
-    target = Path(args.target)
     if target.is_dir():
         names, images, skipped = read_folder(target, index.image_shape, args.skip_bad)
         batches = [(names, images)]
-    elif target.is_file():
-        batches, skipped = model_batches(target, index, args.n, args.seed), []
     else:
-        raise EdgegenError(f"{target}: no such folder or model file")
+        batches, skipped = model_batches(target, index, n, args.seed), []
     sources: list[str] = []
     for names, images in batches:
         auditor.audit(images)
@@ -348,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder (created if missing)")
     q.add_argument("--key", help="key file (default: $EDGEGEN_WATERMARK_KEY)")
     q.add_argument("--payload", type=int, default=0, help="16-bit payload to carry (default 0)")
+    q.add_argument("--force", action="store_true", help="replace marked files already in --out")
     q.set_defaults(func=_cmd_watermark_embed)
     q = wsub.add_parser("detect", help="check images for the mark; one JSON line per file")
     q.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or folders of images")
@@ -383,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", required=True, help="HTML report to write")
     p.add_argument("--json", help="also write the figures and per-image scores as JSON")
     p.add_argument("--fpr", type=float, help="false-flag rate (default: the index's calibration)")
-    p.add_argument("-n", type=int, default=10_000, help="images to generate when auditing a model")
+    p.add_argument("-n", type=int, help="images to generate when auditing a model (default 10,000)")
     p.add_argument("--seed", type=int, default=0, help="latent seed when auditing a model")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files in the folder")
     p.set_defaults(func=_cmd_audit)
@@ -398,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EdgegenError as e:
         print(f"edgegen: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:      # the environment failed (disk full, permissions...): one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"edgegen: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgegen: interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", private: bool = Fals
     path = Path(path)
     if not path.parent.is_dir():
         raise EdgegenError(f"{path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise EdgegenError(f"{path}: is a folder, expected an output file name")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
@@ -43,10 +46,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", private: bool = Fals
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:      # disk full, read-only, quota, I/O
+            raise EdgegenError(f"{path}: cannot write ({e.strerror}); nothing was written") from None
         raise
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

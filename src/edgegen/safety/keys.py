@@ -58,7 +58,7 @@ def write_key(path: str | os.PathLike, key: bytes | None = None, overwrite: bool
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise EdgegenError(f"{path}: already exists; refusing to overwrite a key (remove it first)")
+        raise EdgegenError(f"{path}: already exists; refusing to overwrite a key (remove it first, or --force)")
     key = generate_key() if key is None else key
     if len(key) != KEY_BYTES:
         raise EdgegenError(f"a watermark key must be {KEY_BYTES} bytes, got {len(key)}")
@@ -73,17 +73,29 @@ def load_key(path: str | os.PathLike | None = None) -> bytes:
     The variable holds either the 64 hex digits or the path of a key file. Raises
     :class:`EdgegenError` with the fix when no key is configured or the key is malformed.
     """
+    source = None
     if path is None:
         value = os.environ.get(KEY_ENV, "").strip()
         if not value:
             raise EdgegenError(f"no watermark key configured: pass --key FILE or set ${KEY_ENV} "
                                "(make a key with `edgegen keygen --out FILE`)")
-        if len(value) == 2 * KEY_BYTES and all(ch in "0123456789abcdefABCDEF" for ch in value):
+        if len(value) == 2 * KEY_BYTES and _is_hex(value):
             return parse_key(value, f"${KEY_ENV}")
-        path = value
+        path, source = value, f"${KEY_ENV}"
     path = Path(path)
     try:
         text = path.read_text(encoding="ascii", errors="replace")
     except OSError as e:
+        # Never echo a value that may be a (mistyped) secret: the variable's, or key digits passed as --key.
+        if source is not None:
+            raise EdgegenError(f"{source}: neither 64 hex digits nor a readable key file ({e.strerror}; "
+                               "value not shown)") from None
+        if _is_hex(str(path)) and len(str(path)) >= 16:
+            raise EdgegenError(f"--key takes a key FILE, and this value looks like key digits (not shown): "
+                               f"put the digits in ${KEY_ENV} or a file instead") from None
         raise EdgegenError(f"{path}: cannot read the watermark key ({e.strerror})") from None
-    return parse_key(text, str(path))
+    return parse_key(text, source or str(path))
+
+
+def _is_hex(text: str) -> bool:
+    return all(ch in "0123456789abcdefABCDEF" for ch in text)

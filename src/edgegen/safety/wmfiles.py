@@ -23,16 +23,23 @@ from edgegen.safety.watermark import DEFAULT_THRESHOLD, Watermarker
 
 def read_image(path: Path) -> np.ndarray | None:
     """A file as (H, W) grey or (H, W, 3) RGB uint8; None when it is not a readable 8-bit image."""
+    read = _read_with_alpha(path)
+    return None if read is None else read[0]
+
+
+def _read_with_alpha(path: Path) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(grey or RGB image, alpha channel or None), or None when not a readable 8-bit image."""
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None or img.dtype != np.uint8:
         return None
+    alpha = None
     if img.ndim == 3 and img.shape[2] == 4:
-        img = img[:, :, :3]                       # alpha dropped: the mark lives in luma
+        img, alpha = img[:, :, :3], img[:, :, 3]   # the mark lives in luma; alpha is written back as it was
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return img
+    return img, alpha
 
 
 def expand_paths(items: Iterable[str]) -> list[Path]:
@@ -47,32 +54,57 @@ def expand_paths(items: Iterable[str]) -> list[Path]:
     return out
 
 
-def embed_files(images: list[str], out_dir: str, key_path: str | None = None, payload: int = 0) -> list[Path]:
-    """Mark each image file and write ``OUT/<stem>.png``; returns the written paths.
+def embed_files(images: list[str], out_dir: str, key_path: str | None = None, payload: int = 0,
+                force: bool = False) -> list[Path]:
+    """Mark each image file and write ``OUT/<stem>.png`` (an alpha channel kept as it was); returns the paths.
 
-    Any unreadable input stops the run before anything is written, naming every such file.
+    Every input is read and marked before anything is written: an unreadable or unmarkable file
+    stops the run naming it, and so does an output that would replace an input or (without
+    ``force``) an existing file.
     """
     wm = Watermarker(load_key(key_path))
+    if not 0 <= payload < (1 << wm.payload_bits):
+        raise EdgegenError(f"--payload must be in 0..{(1 << wm.payload_bits) - 1}, got {payload}")
     paths = expand_paths(images)
-    loaded = [(p, read_image(p)) for p in paths]
+    if not paths:
+        raise EdgegenError("no image files found in the given paths")
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise EdgegenError(f"no such files: {', '.join(missing)}")
+    loaded = [(p, _read_with_alpha(p)) for p in paths]
     bad = [str(p) for p, img in loaded if img is None]
     if bad:
         raise EdgegenError(f"not readable 8-bit images: {', '.join(bad)}")
-    if not loaded:
-        raise EdgegenError("no images given")
-    stems = [p.stem for p in paths]
-    if len(set(stems)) != len(stems):
-        raise EdgegenError("two inputs share a file name stem; their outputs would collide")
+    by_stem: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in by_stem:
+            raise EdgegenError(f"{by_stem[p.stem]} and {p} share a file name stem; their outputs would collide")
+        by_stem[p.stem] = p
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path, img in loaded:
-        marked = wm.embed(img[None], payload)[0]
+    if out.exists() and not out.is_dir():
+        raise EdgegenError(f"--out {out}: is a file, expected a folder")
+    inputs = {p.resolve() for p in paths}
+    encoded = []
+    for path, (img, alpha) in loaded:
+        target = safe_join(out, path.stem + ".png")
+        if target in inputs:
+            raise EdgegenError(f"{target}: would overwrite an input image; choose another --out")
+        if target.exists() and not force:
+            raise EdgegenError(f"{target}: already exists; refusing to overwrite (another --out, or --force)")
+        try:
+            marked = wm.embed(img[None], payload)[0]
+        except EdgegenError as e:
+            raise EdgegenError(f"{path}: {e}") from None
         bgr = marked if marked.ndim == 2 else cv2.cvtColor(marked, cv2.COLOR_RGB2BGR)
+        if alpha is not None:
+            bgr = np.dstack([bgr if bgr.ndim == 3 else cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR), alpha])
         ok, buf = cv2.imencode(".png", bgr)
         if not ok:
             raise EdgegenError(f"{path}: could not encode the marked image")
-        target = safe_join(out, path.stem + ".png")
+        encoded.append((target, buf))
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for target, buf in encoded:
         write_bytes_atomic(target, buf.tobytes())
         written.append(target)
     print(f"marked {len(written)} images into {out} with key {wm.fingerprint}, payload {payload}", file=sys.stderr)
@@ -97,7 +129,7 @@ def detect_files(images: list[str], key_path: str | None = None, threshold: floa
         except EdgegenError as e:                 # e.g. an image too small to carry the mark
             det, reason = None, str(e)
         else:
-            reason = "not a readable 8-bit image"
+            reason = "not a readable 8-bit image" if path.exists() else "no such file"
         if det is None:
             unreadable.append(str(path))
             print(json.dumps({"file": str(path), "error": reason}))
