@@ -60,6 +60,8 @@ def test_conflicting_and_out_of_range_options(tmp_path, capsys):
     assert main(["audit", str(tmp_path), "-n", "5"] + report) == 2        # a folder: every image is audited
     assert "-n applies when auditing a model" in _last_error(capsys)
     assert not (tmp_path / "r.html").exists()
+    assert main(["audit", "nosuch", "--index", str(tmp_path / "i.idx"), "--report", str(tmp_path / "r.html")]) == 2
+    assert "nosuch: no such folder, model file or bundled model" in _last_error(capsys)
 
 
 def test_write_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys):
@@ -142,3 +144,11 @@ def test_embed_keeps_alpha_and_detect_names_missing_files(keyed, tmp_path, capsy
     assert main(["watermark", "detect", str(out / "c.png"), str(tmp_path / "nosuch.png")]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert '"detected": true' in lines[0] and '"error": "no such file"' in lines[1]
+
+
+def test_audit_takes_a_bundled_model_name(tmp_path, capsys):
+    from edgegen.runtime.generator import ASSETS
+
+    report = tmp_path / "r.html"
+    assert main(["audit", "gan", "-n", "40", "--index", str(ASSETS / "fashion-mnist.idx"), "--report", str(report)]) == 0
+    assert "of 40 images flagged" in capsys.readouterr().out and report.is_file()

@@ -45,11 +45,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_target(value: str):
+    """A folder or model file that exists, or the file of the bundled model named ``value``."""
+    from pathlib import Path
+
+    from edgegen.runtime import default_model_path
+
+    if Path(value).exists():
+        return Path(value)
+    if "/" not in value and not value.endswith(".onnx"):
+        try:
+            return default_model_path(value)
+        except EdgegenError:
+            pass
+    raise EdgegenError(f"{value}: no such folder, model file or bundled model")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from edgegen.training.evaluate import evaluate_target
 
     _output(args.json, ".json", "--json")
-    report = evaluate_target(args.target, n=args.n, seed=args.seed, data=args.data,
+    report = evaluate_target(str(_existing_target(args.target)), n=args.n, seed=args.seed, data=args.data,
                              classifier=args.classifier, label=args.label)
     print(report.format())
     if args.json:
@@ -235,8 +251,6 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from edgegen.safety import report
     from edgegen.safety.audit import Auditor
     from edgegen.safety.index import HashIndex
@@ -244,9 +258,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     _output(args.report, ".html", "--report")
     _output(args.json, ".json", "--json")
-    target = Path(args.target)
-    if not target.exists():
-        raise EdgegenError(f"{target}: no such folder or model file")
+    target = _existing_target(args.target)
     if target.is_dir() and args.n is not None:
         raise EdgegenError(f"-n applies when auditing a model; {target} is a folder (every image is audited)")
     n = 10_000 if args.n is None else args.n
@@ -310,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="measure sample quality (FCD, KID, precision/recall, class balance)")
-    p.add_argument("target", help="run folder, ONNX model, or folder of images")
+    p.add_argument("target", help="run folder, ONNX model, bundled model name, or folder of images")
     p.add_argument("--data", default="fashion-mnist", help="reference data (its test split)")
     p.add_argument("-n", type=int, default=10_000, help="samples to draw (default 10,000)")
     p.add_argument("--seed", type=int, default=0)
@@ -402,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_index_build)
 
     p = sub.add_parser("audit", help="flag generated images that copy training images (HTML + JSON report)")
-    p.add_argument("target", help="folder of images, or an exported model (.onnx) to sample from")
+    p.add_argument("target", help="folder of images, or a model (.onnx file or bundled name) to sample from")
     p.add_argument("--index", required=True, help="training-set index (edgegen index build)")
     p.add_argument("--report", required=True, help="HTML report to write")
     p.add_argument("--json", help="also write the figures and per-image scores as JSON")

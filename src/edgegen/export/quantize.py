@@ -127,7 +127,7 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, mode
     if failed:
         figures["failed"] = failed
     if failed and not force:
-        raise EdgegenError(f"{mode} gate failed ({'; '.join(failed)}); nothing written (use --force to keep it)")
+        raise EdgegenError(f"{src}: {mode} gate failed ({'; '.join(failed)}); nothing written (use --force to keep it)")
 
     extra = {**meta.extra, "gates": figures, "quantized_from": meta.model_fingerprint}
     encoder = src.with_name(src.stem + ".encoder.onnx")
