@@ -59,6 +59,23 @@ def make_decoder(path: Path, *, kind: str = "gan", latent: int = 8, size: int = 
     return _finish(nodes, inputs, outputs, inits, meta, path)
 
 
+def make_lying_decoder(path: Path, *, flat: bool = False, float_out: bool = False) -> Path:
+    """A GAN whose graph breaks its metadata (uint8 (N, 8, 8, 1), latent 8): its ``image`` output is
+    declared and computed as (N, 64) when ``flat``, as float32 when ``float_out``."""
+    w = np.random.default_rng(0).normal(0, 1.0, (8, 64)).astype(np.float32)                  # (L, H*W*C)
+    shape = [-1, 64] if flat else [-1, 8, 8, 1]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(shape, np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["z", "W"], ["h"])]
+    if not float_out:
+        nodes.append(helper.make_node("Cast", ["h"], ["u"], to=TensorProto.UINT8))
+    nodes.append(helper.make_node("Reshape", ["h" if float_out else "u", "shape"], ["image"]))
+    out_type = TensorProto.FLOAT if float_out else TensorProto.UINT8
+    outputs = [helper.make_tensor_value_info("image", out_type, ["N", *shape[1:]])]
+    meta = ModelMeta(kind="gan", latent_dim=8, image_size=8, channels=1, version=__version__, data_name="tiny")
+    inputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8])]
+    return _finish(nodes, inputs, outputs, inits, meta, path)
+
+
 def make_encoder(path: Path, *, latent: int = 8, size: int = 8, channels: int = 1, conditional: bool = False,
                  seed: int = 1) -> Path:
     """Write a tiny VAE encoder (uint8 NHWC image [+ label] -> mean, logvar) to ``path``."""

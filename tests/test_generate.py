@@ -9,17 +9,20 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from _runtime_models import make_decoder, make_encoder
+from _runtime_models import make_decoder, make_encoder, make_lying_decoder
 from edgegen.cli import main
 from edgegen.errors import EdgegenError
-from edgegen.runtime import Generator
-from edgegen.runtime.pipeline import run_generate
+from edgegen.runtime import Generator, pipeline
+from edgegen.runtime.pipeline import make_plan, run_generate
 from test_runtime import TORCH_BLOCKER
 
 CLI = [sys.executable, "-m", "edgegen.cli"]
@@ -31,7 +34,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"gan": make_decoder(d / "gan.onnx"),
             "cond": make_decoder(d / "cond.onnx", conditional=True, channels=3, seed=4),
             "enc": make_encoder(d / "x.encoder.onnx"),
-            "gan32": make_decoder(d / "gan32.onnx", size=32, latent=16, seed=5)}
+            "gan32": make_decoder(d / "gan32.onnx", size=32, latent=16, seed=5),
+            "flat": make_lying_decoder(d / "flat.onnx", flat=True)}
 
 
 def read_manifest(out: Path) -> list[dict]:
@@ -116,6 +120,9 @@ print("ok")
     (["-n", "5", "@enc"], "this is a VAE encoder"),
     (["-n", "5", "@missing"], "no such model file"),
     (["-n", "5", "--seed", "-1"], "seed must be in"),
+    (["-n", "5", "@flat"], "graph output image is uint8 (N, 64) but its edgegen metadata promises"),
+    (["-n", "5", "--actors", "2"], "--actors needs --engine ray"),
+    (["-n", "5", "--actors", "0", "--engine", "ray"], "--actors must be >= 1, got 0"),
 ])
 def test_bad_input_one_line_nonzero_nothing_written(models, tmp_path, extra, msg):
     model = str(models["gan"])
@@ -131,6 +138,22 @@ def test_bad_input_one_line_nonzero_nothing_written(models, tmp_path, extra, msg
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and msg in res.stderr, res.stderr
     assert not out.exists()
+
+
+def test_real_output_breaking_the_metadata_fails_before_any_folder(models, tmp_path, monkeypatch):
+    """Second line of defence: a graph that declares the right output but returns another is
+    refused on its first image, before the output folder exists."""
+    real_load = Generator.load
+
+    def load(*args, **kwargs):
+        g = real_load(*args, **kwargs)
+        g.session.run = lambda names, feeds, run=g.session.run: [run(names, feeds)[0].reshape(len(feeds["z"]), -1)]
+        return g
+
+    monkeypatch.setattr(pipeline.Generator, "load", load)
+    with pytest.raises(EdgegenError, match=r"returned uint8 \(1, 64\) for 1 latents but its edgegen metadata"):
+        run_generate(models["gan"], tmp_path / "o", 5, progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_refuses_other_runs_and_foreign_folders(models, tmp_path):
@@ -178,6 +201,47 @@ def test_killed_run_resumes_to_exactly_n(models, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "already done" in res.stdout
     check_complete(out, models["gan"], n, 5)
+
+
+@pytest.mark.parametrize("fmt", ["png", "npz"])
+def test_resume_redoes_shards_whose_files_are_missing_or_damaged(models, tmp_path, fmt):
+    out = tmp_path / fmt
+    run_generate(models["gan"], out, 10, seed=4, fmt=fmt, shard_size=4, progress=False)
+    ref = {r["index"]: r for r in read_manifest(out)}
+    files = sorted({r["file"] for r in ref.values()})
+    missing, damaged = (files[5], files[9]) if fmt == "png" else (files[1], files[2])   # shards 1 and 2
+    (out / missing).unlink()
+    (out / damaged).write_bytes((out / damaged).read_bytes()[:-7])              # truncated: size differs
+    res = run_generate(models["gan"], out, 10, seed=4, fmt=fmt, shard_size=4, progress=False)
+    assert (res.resumed_images, res.new_images, res.redone_images) == (4, 6, 6)
+    assert res.redo_reason == f"{missing} is missing"
+    recs = read_manifest(out)
+    assert sorted(r["index"] for r in recs) == list(range(10))                  # each index once
+    assert {r["index"]: r for r in recs} == ref                                 # same records, same sizes
+    for r in recs:
+        assert (out / r["file"]).stat().st_size == r["bytes"]
+    if fmt == "png":
+        check_complete(out, models["gan"], 10, 4)
+    again = run_generate(models["gan"], out, 10, seed=4, fmt=fmt, shard_size=4, progress=False)
+    assert (again.resumed_images, again.new_images, again.redone_images) == (10, 0, 0)
+
+
+def test_shard_plan_is_lazy(models, tmp_path, monkeypatch):
+    plan = make_plan(Generator.load(models["gan"]), 10**15, shard_size=1024)   # ~1e12 shards
+    t = time.perf_counter()
+    todo = plan.shards_todo({1})
+    assert isinstance(todo, Iterator) and list(islice(todo, 3)) == [0, 2, 3]
+    assert time.perf_counter() - t < 0.1
+    # run_generate hands the engine a lazy plan: 2M one-image shards as a list would take ~70 MB
+    seen = []
+    monkeypatch.setattr(pipeline, "_run_local", lambda gen, plan, todo, *a: seen.append(list(islice(todo, 2))))
+    tracemalloc.start()
+    try:
+        run_generate(models["gan"], tmp_path / "lazy", 2_000_000, shard_size=1, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == [[0, 1]] and peak < 8 * 2**20, peak
 
 
 def _limit_file_size():

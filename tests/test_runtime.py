@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from _runtime_models import CLASSES, make_decoder, make_encoder, make_plain_onnx
+from _runtime_models import CLASSES, make_decoder, make_encoder, make_lying_decoder, make_plain_onnx
 from edgegen.errors import EdgegenError
 from edgegen.runtime import Generator, default_model_path, latents, session_options
 from edgegen.runtime.latent import slerp
@@ -86,6 +86,38 @@ def test_load_refuses_what_it_cannot_serve(models, tmp_path, case, msg):
         path.write_bytes(b"\x08\x07not really protobuf" * 10)
     with pytest.raises(EdgegenError, match=msg):
         Generator.load(path)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"flat": True}, r"graph output image is uint8 \(N, 64\) but its edgegen metadata promises uint8 \(N, 8, 8, 1\)"),
+    ({"float_out": True}, r"graph output image is float \(N, 8, 8, 1\) but its edgegen metadata promises uint8"),
+])
+def test_load_refuses_a_graph_output_that_breaks_the_metadata(tmp_path, kw, msg):
+    path = make_lying_decoder(tmp_path / "liar.onnx", **kw)
+    with pytest.raises(EdgegenError, match=f"{path}: {msg}"):
+        Generator.load(path)
+    assert Generator.load(make_lying_decoder(tmp_path / "honest.onnx")).generate(2).shape == (2, 8, 8, 1)
+
+
+class _WrongOutput:
+    """Stands in for a session whose real output is not what the graph declares (e.g. symbolic dims)."""
+
+    def __init__(self, session, fix):
+        self.session, self.fix = session, fix
+
+    def run(self, names, feeds):
+        return [self.fix(self.session.run(names, feeds)[0])]
+
+
+@pytest.mark.parametrize("fix,msg", [
+    (lambda a: a.reshape(len(a), -1), r"returned uint8 \(3, 64\) for 3 latents"),
+    (lambda a: a.astype(np.float32) * 300, r"returned float32 \(3, 8, 8, 1\) for 3 latents"),
+])
+def test_run_checks_the_real_output_against_the_metadata(models, fix, msg):
+    g = Generator.load(models["gan"])
+    g.session = _WrongOutput(g.session, fix)
+    with pytest.raises(EdgegenError, match=msg + r" but its edgegen metadata promises uint8 \(3, 8, 8, 1\)"):
+        g.generate(3)                                                            # never wrapped or broadcast
 
 
 def test_session_modes():
@@ -247,6 +279,19 @@ def test_bench_variants_table_and_json(tmp_path, capsys):
     assert res["cold_start"]["torch_loaded"] is False and res["machine"]["cores"] >= 1
 
 
+@pytest.mark.parametrize("kw,msg", [
+    ({"seconds": 0}, "--seconds must be a positive number of seconds, got 0"),
+    ({"seconds": -1}, "--seconds must be a positive number of seconds, got -1"),
+    ({"seconds": float("inf")}, "--seconds must be a positive number of seconds, got inf"),
+    ({"threads": 0}, "--threads must be >= 1, got 0"),
+])
+def test_bench_refuses_bad_seconds_and_threads(models, kw, msg):
+    from edgegen.runtime.bench import run_bench
+
+    with pytest.raises(EdgegenError, match=msg):
+        run_bench(models["gan"], **kw)
+
+
 def test_bench_torch_eager_on_an_exported_run(tmp_path):
     torch = pytest.importorskip("torch")
     from edgegen.export import export_run
@@ -267,5 +312,5 @@ def test_bench_torch_eager_on_an_exported_run(tmp_path):
     engines = [(r["engine"], r["variant"], r["batch"]) for r in res["rows"]]
     assert engines == [("pytorch", "eager", 1), ("pytorch", "eager", 64), ("onnxruntime", "fp32", 1),
                        ("onnxruntime", "fp32", 64)]
-    with pytest.raises(EdgegenError, match="no checkpoint here"):
+    with pytest.raises(EdgegenError, match="no such run folder|no checkpoint here"):   # checkpoint.py wording
         bench_torch(tmp_path / "nothing", 1, (1,), 0.01)

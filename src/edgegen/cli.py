@@ -154,6 +154,8 @@ def _audit_stages(args: argparse.Namespace) -> tuple:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from edgegen.runtime.pipeline import run_generate
 
+    if args.actors is not None and args.engine != "ray":
+        raise EdgegenError("--actors needs --engine ray")
     if args.model_name and args.model:
         raise EdgegenError(f"two models given ({args.model} and --model {args.model_name}); give one")
     model = _model_arg(args.model_name or args.model)
@@ -164,10 +166,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     res = run_generate(model, args.out, args.n, seed=args.seed, cls=args.cls, fmt=args.format,
                        batch_size=args.batch, threads=args.threads, shard_size=args.shard_size,
                        stages=_generate_stages(args, model) + _audit_stages(args), engine=args.engine,
-                       ray_address=args.ray_address, num_actors=args.actors, progress=not args.quiet)
+                       ray_address=args.ray_address,
+                       num_actors=1 if args.actors is None else args.actors, progress=not args.quiet)
     resumed = f" ({res.resumed_images} already done)" if res.resumed_images else ""
     print(f"wrote {res.new_images} images to {res.out}{resumed} at {res.images_per_s:.0f} img/s; "
           f"manifest {res.out / 'manifest.jsonl'}")
+    if res.redone_images:
+        print(f"redid {res.redone_images} images whose files were missing or damaged (first: {res.redo_reason})")
     if args.audit:
         import json
 
@@ -357,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1024, help="images per atomic shard (default 1024)")
     p.add_argument("--engine", choices=["local", "ray"], default="local")
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local Ray)")
-    p.add_argument("--actors", type=int, default=1, help="Ray actors, each with its own session")
+    p.add_argument("--actors", type=int, help="Ray actors, each with its own session (default 1)")
     p.add_argument("--key", help="watermark key file (default: $EDGEGEN_WATERMARK_KEY)")
     p.add_argument("--payload", type=int, help="16-bit watermark payload (default: from the model fingerprint)")
     p.add_argument("--no-watermark", action="store_true", help="do not mark the images (on purpose)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Container, Iterator, Protocol
 
 import cv2
 import numpy as np
@@ -55,6 +55,10 @@ class Plan:
     @property
     def num_shards(self) -> int:
         return -(-self.n // self.shard_size)
+
+    def shards_todo(self, done: Container[int] = ()) -> Iterator[int]:
+        """Shard numbers not in ``done``, in order, produced lazily: any ``n`` plans in constant memory."""
+        return (k for k in range(self.num_shards) if k not in done)
 
     def shard_range(self, k: int) -> tuple[int, int]:
         """[start, stop) image indices of shard ``k``."""
@@ -141,7 +145,11 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def finish_shard(plan: Plan, k: int, indices: np.ndarray, images: np.ndarray, labels: np.ndarray | None,
                  stages: tuple[Stage, ...] = ()) -> ShardResult:
-    """Run the stages, encode, and build manifest records for one shard (CPU work, no I/O)."""
+    """Run the stages, encode, and build manifest records for one shard (CPU work, no I/O).
+
+    A record of a written image names its ``file`` and that file's size in ``bytes`` (what a
+    resumed run checks); an image a stage dropped has ``file: null`` and ``dropped: true``.
+    """
     extra: list[dict] = [{} for _ in indices]
     keep = np.ones(len(indices), dtype=bool)
     for stage in stages:
@@ -160,18 +168,19 @@ def finish_shard(plan: Plan, k: int, indices: np.ndarray, images: np.ndarray, la
     if plan.fmt == "png":
         for j, rec in enumerate(records):
             if keep[j]:
-                rec["file"] = plan.image_name(rec["index"])
-                files.append((rec["file"], encode_png(images[j])))
+                data = encode_png(images[j])
+                rec["file"], rec["bytes"] = plan.image_name(rec["index"]), len(data)
+                files.append((rec["file"], data))
     else:  # one npz per shard: rows in index order, only the kept images
         buf = io.BytesIO()
         np.savez(buf, images=images[keep], indices=indices[keep],
                  labels=labels[keep] if labels is not None else np.zeros(0, np.int64))
-        name = plan.shard_name(k)
-        files.append((name, buf.getvalue()))
+        name, data = plan.shard_name(k), buf.getvalue()
+        files.append((name, data))
         row = 0
         for j, rec in enumerate(records):
             if keep[j]:
-                rec["file"], rec["row"] = name, row
+                rec["file"], rec["bytes"], rec["row"] = name, len(data), row
                 row += 1
     for rec in records:
         if rec["file"] is None:

@@ -11,6 +11,7 @@ blocked. Latency is per call; images/s is images over total time of the timed ca
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -139,6 +140,10 @@ print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, "first_image_s": t3 -
 def run_bench(model: str | os.PathLike, torch_run: str | os.PathLike | None = None, threads: int | None = None,
               batches: tuple[int, ...] = (1, 64), seconds: float = 1.0, **explicit: str | None) -> dict:
     """All rows plus cold start and machine info, as one JSON-able dict."""
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise EdgegenError(f"--threads must be >= 1, got {threads}")
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise EdgegenError(f"--seconds must be a positive number of seconds, got {seconds}")
     threads = threads or cpu_count()
     variants = find_variants(model, **explicit)
     rows: list[dict] = []

@@ -114,6 +114,29 @@ def _check_io(sess: ort.InferenceSession, meta: ModelMeta, name: str, inputs: se
                            f"the edgegen {meta.kind} contract (inputs {sorted(inputs)}, outputs {sorted(outputs)})")
 
 
+def _shape_text(shape: Sequence) -> str:
+    return "(" + ", ".join("N" if d is None or isinstance(d, str) else str(d) for d in shape) + ")"
+
+
+def _check_image_output(sess: ort.InferenceSession, meta: ModelMeta, name: str) -> None:
+    """Refuse a graph whose declared ``image`` output is not the uint8 (N, H, W, C) its metadata promises.
+
+    Dims the graph leaves symbolic (or a shape it does not declare) are checked on the first
+    real output instead (:meth:`Generator.run`).
+    """
+    out = next(o for o in sess.get_outputs() if o.name == "image")
+    shape = list(out.shape or [])
+    want = ("N", *meta.image_shape)
+    bad_shape = bool(shape) and (len(shape) != 4 or any(
+        isinstance(d, int) and d != w for d, w in zip(shape[1:], meta.image_shape)))
+    if out.type != "tensor(uint8)" or bad_shape:
+        dtype = out.type.removeprefix("tensor(").removesuffix(")")
+        declared = _shape_text(shape) if shape else "(shape not declared)"
+        raise EdgegenError(f"{name}: graph output image is {dtype} {declared} "
+                           f"but its edgegen metadata promises uint8 {_shape_text(want)}; "
+                           "the file does not match its metadata (re-export it with `edgegen export`)")
+
+
 class Generator:
     """A loaded generator: ``generate``, ``interpolate`` and, for VAEs, ``encode/decode/reconstruct``.
 
@@ -168,6 +191,7 @@ class Generator:
         if meta.conditional and not meta.class_names:
             raise EdgegenError(f"{name}: conditional model without class names in its metadata")
         _check_io(sess, meta, name, {"z", "label"} if meta.conditional else {"z"}, {"image"})
+        _check_image_output(sess, meta, name)
         z_dim = sess.get_inputs()[[i.name for i in sess.get_inputs()].index("z")].shape[-1]
         if isinstance(z_dim, int) and z_dim != meta.latent_dim:
             raise EdgegenError(f"{name}: input z has {z_dim} columns but metadata says latent_dim={meta.latent_dim}")
@@ -236,7 +260,13 @@ class Generator:
             if labels is None or len(labels) != len(z):
                 raise EdgegenError("conditional model: one label per latent is required")
             feeds["label"] = np.ascontiguousarray(labels, dtype=np.int64)
-        return self.session.run(["image"], feeds)[0]
+        images = self.session.run(["image"], feeds)[0]
+        want = (len(z), *self.meta.image_shape)
+        if images.dtype != np.uint8 or images.shape != want:     # the graph broke its metadata's promise
+            raise EdgegenError(f"{self.name}: the model returned {images.dtype} {images.shape} for {len(z)} latents "
+                               f"but its edgegen metadata promises uint8 {want}; the file does not match its "
+                               "metadata (re-export it with `edgegen export`)")
+        return images
 
     def images_for(self, seed: int, indices: np.ndarray, labels: np.ndarray | None = None,
                    batch_size: int = 64) -> np.ndarray:

@@ -4,7 +4,9 @@
 commit log: a shard counts as done exactly when all of its lines are in the file. Each shard's
 lines are appended with one write and fsynced, after the shard's files are in place. On
 (re)open, a torn tail (a killed process, a full disk) is cut back to the end of the last complete
-shard, so the manifest only ever lists finished files, each index once.
+shard, and a shard whose listed files are missing or have another size than recorded is taken
+out of the manifest (rewritten atomically) to be rendered again, so the manifest only ever lists
+finished, present files, each index once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from pathlib import Path
 
 from edgegen.errors import EdgegenError
-from edgegen.fileio import write_json_atomic
+from edgegen.fileio import atomic_write, write_json_atomic
 from edgegen.runtime.batch import Plan, ShardResult
 
 RUN_FILE = "run.json"
@@ -70,24 +72,33 @@ def prepare_folder(out: Path, plan: Plan) -> None:
 
 
 class Manifest:
-    """Append-only journal of finished shards (see module docstring). Not thread-safe: one committer."""
+    """Append-only journal of finished shards (see module docstring). Not thread-safe: one committer.
+
+    After opening, ``done`` holds the finished shards and ``redo`` maps each shard that was taken
+    out because of its files to the first problem found (e.g. ``img-00000003.png is missing``).
+    """
 
     def __init__(self, out: Path, plan: Plan):
+        self.out = out
         self.path = out / MANIFEST
         self.plan = plan
         self.done: set[int] = set()
+        self.redo: dict[int, str] = {}
         self.images_done = 0
         self._recover()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = os.fstat(self._fd).st_size
 
     def _recover(self) -> None:
-        """Scan the journal, keep complete shard blocks, cut anything after the last one."""
+        """Scan the journal, keep complete shard blocks whose files are intact, cut or drop the rest."""
         if not self.path.exists():
             return
         keep = 0                        # byte offset just after the last complete shard block
         pos = 0
         cur, count = -1, 0              # shard of the block being read, lines seen in it
+        problem: str | None = None      # first file problem in the block being read
+        checked: set[str] = set()       # files of this block already checked (an npz holds many rows)
+        drop: list[tuple[int, int]] = []   # byte ranges of complete blocks whose files are not intact
         with open(self.path, "rb") as f:
             for line in f:               # streams: memory stays flat however long the manifest
                 pos += len(line)
@@ -101,20 +112,64 @@ class Manifest:
                 if k != cur:
                     if count:           # a block ended before it was complete: stop trusting the rest
                         break
-                    cur, count = k, 0
+                    cur, count, problem, checked = k, 0, None, set()
                 count += 1
-                if not 0 <= k < self.plan.num_shards or k in self.done:
+                if not 0 <= k < self.plan.num_shards or k in self.done or k in self.redo:
                     raise EdgegenError(f"{self.path}: lists shard {k} twice or out of range; "
                                        "the folder was edited by hand — use a new folder")
+                if problem is None:
+                    problem = self._file_problem(rec, checked)
                 if count == self.plan.shard_len(k):
-                    self.done.add(k)
-                    self.images_done += count
+                    if problem is None:
+                        self.done.add(k)
+                        self.images_done += count
+                    else:
+                        self.redo[k] = problem
+                        drop.append((keep, pos))
                     keep, cur, count = pos, -1, 0
-        if keep != self.path.stat().st_size:
+        if drop:
+            self._rewrite_without(drop, keep)
+        elif keep != self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(keep)
                 f.flush()
                 os.fsync(f.fileno())
+
+    def _file_problem(self, rec: dict, checked: set[str]) -> str | None:
+        """Why the file a record lists is not as written (missing, other size), or None if it is.
+
+        Only a ``stat``: a size recorded in ``bytes`` is compared, contents are not read.
+        """
+        name = rec.get("file")
+        if name is None:
+            return None                 # dropped by a stage: nothing was written
+        if not isinstance(name, str):
+            return f"file entry {name!r} is not a file name"
+        if name in checked:
+            return None                 # an npz shard file listed by an earlier row
+        checked.add(name)
+        try:
+            size = os.stat(os.path.join(self.out, name)).st_size
+        except OSError:
+            return f"{name} is missing"
+        if "bytes" in rec and size != rec["bytes"]:
+            return f"{name} has {size} bytes, not the {rec['bytes']} written"
+        return None
+
+    def _rewrite_without(self, drop: list[tuple[int, int]], end: int) -> None:
+        """Atomically replace the journal by its bytes [0, end) less the ``drop`` ranges (streamed)."""
+        with open(self.path, "rb") as src, atomic_write(self.path) as dst:
+            start = 0
+            for a, b in [*drop, (end, end)]:
+                src.seek(start)
+                left = a - start
+                while left:
+                    chunk = src.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise EdgegenError(f"{self.path}: changed while being repaired; rerun the same command")
+                    dst.write(chunk)
+                    left -= len(chunk)
+                start = b
 
     def commit(self, result: ShardResult) -> None:
         """Append one shard's records in a single write + fsync; on failure cut the file back."""

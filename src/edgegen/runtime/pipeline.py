@@ -14,8 +14,9 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -31,13 +32,19 @@ ENGINES = ("local", "ray")
 
 @dataclass
 class GenerateResult:
-    """What a run did: images written now, images found already done, wall time."""
+    """What a run did: images written now, images found already done, wall time.
+
+    ``redone_images`` (part of ``new_images``) were listed as done but rendered again because a
+    file of their shard was missing or damaged; ``redo_reason`` is the first such problem.
+    """
 
     out: Path
     n: int
     new_images: int
     resumed_images: int
     seconds: float
+    redone_images: int = 0
+    redo_reason: str | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -77,11 +84,17 @@ def run_generate(model: str | os.PathLike, out: str | os.PathLike, n: int, seed:
     Rerunning with the same arguments after a kill, a full disk or Ctrl-C continues where the
     manifest ends and finishes with exactly ``n`` indices listed once. ``engine="ray"`` runs the
     shards on Ray Data actors (``ray_address`` to join a cluster; ``num_actors`` sessions).
+    Shards the manifest lists whose files are missing or have another size than recorded are
+    taken out of it and rendered again (same indices, same pixels); ``redone_images`` says so.
     Errors (bad model/class/n, another run's folder, unwritable folder, disk full) raise
     :class:`EdgegenError` with one clear line; the manifest stays consistent.
     """
     if engine not in ENGINES:
         raise EdgegenError(f"unknown engine {engine!r} (expected local or ray)")
+    if num_actors < 1:
+        raise EdgegenError(f"--actors must be >= 1, got {num_actors}")
+    if workers is not None and workers < 1:
+        raise EdgegenError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     gen = Generator.load(model, threads=threads, mode="batch")
     plan = make_plan(gen, n, seed, cls, fmt, batch_size, shard_size, stages)
@@ -89,11 +102,17 @@ def run_generate(model: str | os.PathLike, out: str | os.PathLike, n: int, seed:
         check = getattr(stage, "check_model", None)
         if check is not None:
             check(gen.meta, where=str(model))
+    # one image first: a model whose real output breaks its metadata fails here, before any folder exists
+    infer_shard(gen, replace(plan, n=1, shard_size=1), 0)
     prepare_folder(out, plan)
     clean_temp_files(out)
-    manifest = Manifest(out, plan)
+    try:
+        manifest = Manifest(out, plan)
+    except OSError as e:
+        raise EdgegenError(os_error_message(e, f"{out / 'manifest.jsonl'}: cannot read or repair")) from None
     resumed = manifest.images_done
-    todo = [k for k in range(plan.num_shards) if k not in manifest.done]
+    redone = sum(plan.shard_len(k) for k in manifest.redo)
+    todo = plan.shards_todo(manifest.done)      # lazy: -n 10**12 plans in constant memory
     bar = tqdm(total=plan.n, initial=resumed, unit="img", desc="generate", disable=not progress,
                smoothing=0.05, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -119,10 +138,11 @@ def run_generate(model: str | os.PathLike, out: str | os.PathLike, n: int, seed:
             except OSError as e:
                 raise EdgegenError(os_error_message(e, f"{out}: cannot write the {stage!r} summary") +
                                    "; the images and manifest are complete — rerun the same command") from None
-    return GenerateResult(out, plan.n, manifest.images_done - resumed, resumed, time.perf_counter() - t0)
+    return GenerateResult(out, plan.n, manifest.images_done - resumed, resumed, time.perf_counter() - t0,
+                          redone, next(iter(manifest.redo.values()), None))
 
 
-def _run_local(gen: Generator, plan: Plan, todo: list[int], out: Path, manifest: Manifest,
+def _run_local(gen: Generator, plan: Plan, todo: Iterable[int], out: Path, manifest: Manifest,
                stages: tuple[Stage, ...], bar: tqdm, workers: int | None) -> None:
     """Inference on this thread, stages + encoding + writing on a pool, commits in shard order."""
     workers = workers or max(1, min(4, cpu_count()))
