@@ -72,7 +72,7 @@ def default_model_path(name: str = "gan") -> Path:
     for cand in (ASSETS / f"{name}.int8.onnx", ASSETS / f"{name}.onnx"):
         if cand.is_file():
             return cand
-    have = sorted(p.name for p in ASSETS.glob("*.onnx") if ".encoder." not in p.name) if ASSETS.is_dir() else []
+    have = sorted({p.name.split(".")[0] for p in ASSETS.glob("*.onnx") if ".encoder." not in p.name}) if ASSETS.is_dir() else []
     hint = f"bundled: {', '.join(have)}" if have else "this installation bundles no pretrained models"
     raise EdgegenError(f"no bundled model named {name!r} ({hint}); pass a model file instead")
 
