@@ -159,7 +159,7 @@ def test_cli_bad_inputs_one_line_nothing_written(case, index_path, fmnist_test, 
     folder.mkdir()
     if case == "non-image":
         _write_pngs(folder, fmnist_test.images[:3])
-        (folder / "notes.txt").write_text("hello")
+        (folder / "notes.png").write_text("hello")           # an image name that does not decode
     elif case == "other-size":
         _write_pngs(folder, np.zeros((2, 32, 32, 1), np.uint8))
     elif case == "corrupt-index":

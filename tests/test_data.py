@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_idx
 from edgegen.errors import EdgegenError
-from edgegen.training.data import (FASHION_MNIST_CLASSES, fit_images, load_dataset, read_idx,
+from edgegen.training.data import (FASHION_MNIST_CLASSES, NoSplitError, fit_images, load_dataset, read_idx,
                                    read_idx_pair)
 
 
@@ -108,6 +108,45 @@ def test_image_folder_without_test_split(tmp_path, fmnist_test):
     _write_folder(tmp_path, fmnist_test)
     with pytest.raises(EdgegenError, match="no test split"):
         load_dataset(str(tmp_path), "test")
+
+
+def test_folder_with_train_but_no_test(tmp_path, fmnist_test):
+    _write_folder(tmp_path / "train", fmnist_test)
+    assert len(load_dataset(str(tmp_path), "train")) == 10
+    with pytest.raises(NoSplitError, match="has train/ but no test/ sub-folder"):
+        load_dataset(str(tmp_path), "test")
+
+
+def test_folder_readers_take_image_files_only(tmp_path, fmnist_test):
+    """Training/eval and audit folder readers ignore a generate folder's manifest and run files alike;
+    a file with an image suffix that does not decode is still an error (or skipped with --skip-bad)."""
+    from edgegen.safety.sources import read_folder
+
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / f"img-{i}.png"), fmnist_test.images[i])
+    (tmp_path / "manifest.jsonl").write_text('{"index": 0}\n')
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("hello")
+    assert len(load_dataset(str(tmp_path))) == 4
+    names, images, skipped = read_folder(tmp_path, (28, 28, 1))
+    assert names == [f"img-{i}.png" for i in range(4)] and images.shape == (4, 28, 28, 1) and not skipped
+    (tmp_path / "broken.png").write_text("not an image")
+    for read in (lambda: load_dataset(str(tmp_path)), lambda: read_folder(tmp_path, (28, 28, 1))):
+        with pytest.raises(EdgegenError, match=r"broken\.png: not a readable image \(use --skip-bad"):
+            read()
+    assert read_folder(tmp_path, (28, 28, 1), skip_bad=True)[2] == [str(tmp_path / "broken.png")]
+
+
+def test_bad_size_channels_and_subset_are_refused(small_idx_dir):
+    with pytest.raises(EdgegenError, match="--size must be a positive number of pixels, got 0"):
+        load_dataset(str(small_idx_dir), size=0)
+    with pytest.raises(EdgegenError, match="--channels must be 1 or 3, got 2"):
+        load_dataset(str(small_idx_dir), channels=2)
+    ds = load_dataset(str(small_idx_dir), "test")
+    for n in (0, -1):
+        with pytest.raises(EdgegenError, match=f"a subset needs at least 1 image, got {n}"):
+            ds.subset(n)
+    assert len(ds.subset(1)) == 1 and ds.subset(10_000) is ds
 
 
 def test_empty_folder_and_missing_path(tmp_path):

@@ -72,17 +72,21 @@ def test_blurred_images_score_between(evaluator):
 def test_eval_cli_on_image_folder(tmp_path, fmnist_test, small_idx_dir, capsys):
     for i in range(60):
         cv2.imwrite(str(tmp_path / f"{i}.png"), fmnist_test.images[i])
+    # what `edgegen generate` writes beside its images is not an image, and not an error either
+    (tmp_path / "manifest.jsonl").write_text('{"index": 0, "file": "0.png"}\n')
+    (tmp_path / "run.json").write_text("{}")
     # --data: a small real Fashion-MNIST subset as the reference keeps the test fast
-    assert main(["eval", str(tmp_path), "-n", "60", "--data", str(small_idx_dir), "--json",
-                 str(tmp_path / "q.json")]) == 0
+    assert main(["eval", str(tmp_path), "--data", str(small_idx_dir), "--json", str(tmp_path / "q.json")]) == 0
     out = capsys.readouterr().out
     assert "fcd" in out and "real-vs-real" in out
     assert (tmp_path / "q.json").is_file()
+    assert main(["eval", str(tmp_path), "-n", "60", "--data", str(small_idx_dir)]) == 2     # a folder is read whole
+    assert "-n applies when sampling a run or model" in capsys.readouterr().err
 
 
 def test_eval_cli_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
-    assert "no such run, model or folder" in capsys.readouterr().err
+    assert "no such folder, model file or bundled model" in capsys.readouterr().err
 
 
 def test_eval_cli_on_run_and_exported_model(tmp_path, small_idx_dir, capsys):
@@ -98,8 +102,31 @@ def test_eval_cli_on_run_and_exported_model(tmp_path, small_idx_dir, capsys):
                      "--json", str(tmp_path / name)]) == 0
     import json
 
+    for target in (run, tmp_path / "g.onnx"):                      # unconditional: --label is refused
+        assert main(["eval", str(target), "--label", "3", "--data", str(small_idx_dir)]) == 2
+        assert "unconditional model; it takes no --label" in capsys.readouterr().err
     a, b = (json.loads((tmp_path / n).read_text()) for n in ("run.json", "onnx.json"))
     assert a["n"] == b["n"] == 200
     # Different latent draws (torch vs the runtime's counter-based latents) of one model: close figures.
     assert abs(a["fcd"] - b["fcd"]) < 0.25 * max(a["fcd"], b["fcd"])
     assert abs(a["min_class_fraction"] - b["min_class_fraction"]) < 0.05
+
+
+def test_eval_label_refused_for_unconditional_model_and_folder(tmp_path, capsys):
+    from edgegen.training.evaluate import ASSETS
+
+    for target, message in ((ASSETS / "models" / "gan.int8.onnx", "unconditional model; it takes no --label"),
+                            (tmp_path, "--label applies to conditional models, not to a folder of images")):
+        assert main(["eval", str(target), "--label", "3"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"edgegen: error: {target}: {message}"
+
+
+def test_bad_classifier_file_is_one_line(tmp_path):
+    from edgegen.errors import EdgegenError
+
+    bad = tmp_path / "c.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(EdgegenError, match=r"c\.pt: not a readable edgegen checkpoint") as e:
+        load_classifier(bad)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)

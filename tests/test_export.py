@@ -214,3 +214,26 @@ def test_cli_round_trip(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("edgegen: error:") and "\n" not in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_file_that_is_not_a_run_is_one_safe_line(tmp_path, capsys):
+    """A run argument that is some other file (an ONNX model, a pickle with code) is named in one line,
+    with no advice to load it with weights_only=False."""
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    onnx_file = tmp_path / "bad.onnx"
+    onnx_file.write_bytes(b"\x08\x07junk that is not a checkpoint")
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": "gan", "models": Evil()}, evil)
+    for path in (onnx_file, evil):
+        assert main(["export", str(path), "--out", str(tmp_path / "t.onnx")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"edgegen: error: {path}: not a readable edgegen checkpoint (damaged, another kind of file, " \
+                      "or holding code)"
+    assert not (tmp_path / "t.onnx").exists()
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "t.onnx")]) == 2
+    assert "no such run folder or checkpoint file" in capsys.readouterr().err

@@ -137,3 +137,38 @@ def test_reloadable_data_is_not_copied_and_changed_data_is_refused(fmnist_test, 
     monkeypatch.setenv("EDGEGEN_DATA", str(small_idx_dir))       # now "fashion-mnist" is other data
     with pytest.raises(EdgegenError, match="has changed since the index was built"):
         HashIndex.load(path).train_pixels()
+
+
+def test_images_too_small_to_hash_are_refused(fmnist_test):
+    with pytest.raises(EdgegenError, match=r"cannot index 7x7 images: the perceptual hash needs at least 8x8"):
+        HashIndex.from_images(fit_images(fmnist_test.images[:20], 7, 1))
+    assert len(HashIndex.from_images(fit_images(fmnist_test.images[:20], 8, 1))) == 20
+
+
+def test_build_index_refuses_bad_heldout_and_fpr(fmnist_test):
+    from edgegen.safety.index import build_index
+
+    train, held = fmnist_test.images[:300], fmnist_test.images[300:450]
+    with pytest.raises(EdgegenError, match="needs held-out images"):
+        build_index(train, None, None)
+    with pytest.raises(EdgegenError, match="held-out images are the training images"):
+        build_index(train, train, None)
+    for fpr in (0.0, 2.0, float("nan")):
+        with pytest.raises(EdgegenError, match="--fpr must be between 0 and 1"):
+            build_index(train, held, None, fpr=fpr)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "0"], "--size must be a positive number of pixels, got 0"),
+    (["--size", "5"], "cannot index 5x5 images"),
+    (["--heldout-n", "-1"], "--heldout-n must be a positive number of images, got -1"),
+    (["--heldout-n", "0"], "--heldout-n must be a positive number of images, got 0"),
+])
+def test_index_build_cli_bad_values_one_line(small_idx_dir, tmp_path, capsys, args, message):
+    from edgegen.cli import main
+
+    out = tmp_path / "i.idx"
+    assert main(["index", "build", "--data", str(small_idx_dir), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgegen: error: ") and message in err and "\n" not in err
+    assert not out.exists()

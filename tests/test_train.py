@@ -155,3 +155,91 @@ def test_mode_seeking_pairs_labels_and_spreads_samples(tmp_path):
     paired = seen[-1]
     assert torch.equal(paired[:16], paired[16:])
     assert ratios[20.0] > ratios[0.0]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("epochs", 0.0, "--epochs must be a positive number, got 0"),
+    ("epochs", -1.0, "--epochs must be a positive number, got -1"),
+    ("minutes", 0.0, "--minutes must be a positive number, got 0"),
+    ("minutes", -1.0, "--minutes must be a positive number, got -1"),
+    ("width", 0, "--width must be at least 1, got 0"),
+    ("latent_dim", 0, "--latent-dim must be at least 1, got 0"),
+    ("lr", -1.0, "--lr must be a positive number, got -1"),
+    ("lr", float("nan"), "--lr must be a positive number, got nan"),
+    ("beta", -0.5, "--beta must be zero or a positive number, got -0.5"),
+    ("mode_seeking", float("inf"), "--mode-seeking must be zero or a positive number, got inf"),
+    ("checkpoint_minutes", 0.0, "--checkpoint-minutes must be a positive number, got 0"),
+    ("seed", -1, "--seed must be zero or positive, got -1"),
+])
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, small_idx_dir, option, value, message):
+    opts = _opts(tmp_path, small_idx_dir, **{option: value})
+    with pytest.raises(EdgegenError, match=message):
+        train(opts)
+    assert not Path(opts.out).exists()
+
+
+def test_bad_option_is_one_cli_line(tmp_path, small_idx_dir, capsys):
+    from edgegen.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "gan", "--data", str(small_idx_dir), "--out", str(out), "--epochs", "-1", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "edgegen: error: --epochs must be a positive number, got -1"
+    assert not out.exists()
+
+
+def test_data_errors_leave_no_run_folder(tmp_path, fmnist_test):
+    import cv2
+
+    flat = tmp_path / "flat"          # no class sub-folders: no labels for --conditional
+    flat.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(flat / f"{i}.png"), fmnist_test.images[i])
+    opts = _opts(tmp_path, flat, conditional=True, batch_size=8)
+    with pytest.raises(EdgegenError, match="--conditional needs labelled data"):
+        train(opts)
+    assert not Path(opts.out).exists()
+
+
+def test_image_folder_without_test_split_trains_and_exports(tmp_path, fmnist_test, capsys):
+    """A plain folder of class sub-folders trains (no train.idx, one line says so) and its run exports."""
+    import cv2
+
+    from edgegen.export import export_run
+
+    data = tmp_path / "shoes-and-bags"
+    for name, label in (("shoe", 7), ("bag", 8)):
+        (data / name).mkdir(parents=True)
+        for i in range(8):
+            cv2.imwrite(str(data / name / f"{i}.png"), fmnist_test.images[fmnist_test.labels == label][i])
+    # 16 images, batch 8: 2 steps; a checkpoint after every step
+    run = train(_opts(tmp_path, data, batch_size=8, epochs=1.0, checkpoint_minutes=1e-9)).parent
+    err = capsys.readouterr().err.strip()
+    assert "train.idx was not built" in err and "edgegen index build" in err and "\n" not in err
+    assert not (run / "train.idx").exists()
+    # no quality metric without a test split: best.pt is the latest checkpoint, not the first one
+    assert load_checkpoint(run / "best.pt")["step"] == load_checkpoint(run / "last.pt")["step"] == 2
+    meta = export_run(run, tmp_path / "g.onnx")
+    config = json.loads((run / "config.json").read_text())
+    assert meta.extra["data_fingerprint_source"] == "run-data"
+    assert meta.data_fingerprint == config["data"]["fingerprint"]
+
+
+def test_single_idx_file_has_no_test_split(tmp_path, small_idx_dir, capsys):
+    """One IDX file's "test" split would be its training images: no index is calibrated on them."""
+    run = train(_opts(tmp_path, small_idx_dir / "train-images-idx3-ubyte.gz", epochs=0.0625)).parent
+    assert "train.idx was not built" in capsys.readouterr().err
+    assert not (run / "train.idx").exists() and (run / "last.pt").is_file()
+
+
+def test_unreadable_test_split_is_an_error_not_skipped(tmp_path, fmnist_test):
+    import cv2
+
+    for split in ("train", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i in range(8):
+            cv2.imwrite(str(tmp_path / "data" / split / f"{i}.png"), fmnist_test.images[i])
+    (tmp_path / "data" / "test" / "broken.png").write_text("not an image")
+    opts = _opts(tmp_path, tmp_path / "data", batch_size=8)
+    with pytest.raises(EdgegenError, match=r"broken\.png: not a readable image"):
+        train(opts)
+    assert not Path(opts.out).exists()

@@ -244,9 +244,11 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     from edgegen.training.data import load_dataset
 
     _output(args.out, ".idx", "--out")
+    if args.heldout_n is not None and args.heldout_n < 1:
+        raise EdgegenError(f"--heldout-n must be a positive number of images, got {args.heldout_n}")
     train = load_dataset(args.data, "train", args.size, args.channels, args.skip_bad)
     held = load_dataset(args.data, "test", args.size, args.channels, args.skip_bad)
-    if args.heldout_n:
+    if args.heldout_n is not None:
         held = held.subset(args.heldout_n, seed=0)
     index = build_index(train, held, args.out, fpr=args.fpr)
     cal = index.calibration
@@ -329,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure sample quality (FCD, KID, precision/recall, class balance)")
     p.add_argument("target", help="run folder, ONNX model, bundled model name, or folder of images")
     p.add_argument("--data", default="fashion-mnist", help="reference data (its test split)")
-    p.add_argument("-n", type=int, default=10_000, help="samples to draw (default 10,000)")
+    p.add_argument("-n", type=int, help="samples to draw from a run or model (default 10,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier", help="classifier checkpoint (default: the bundled Fashion-MNIST one)")
     p.add_argument("--label", type=int, help="only this class (conditional models)")

@@ -39,6 +39,9 @@ from edgegen.safety.pixels import BLUR_SIGMA, VIEW_NAMES
 MAGIC = b"EGHIDX1\n"
 FORMAT = "edgegen-hash-index/1"
 _ALIGN = 64
+# Smallest image side worth indexing: the hash keeps an 8x8 block of frequencies, so a smaller
+# image has fewer pixels than hash bits (and below 3 px the audit's features are empty).
+MIN_SIDE = HASH_SIZE
 # Everything that changes what a hash, a candidate or a score means. An index whose settings
 # differ from these was made by another version of the method and is refused.
 SETTINGS: dict[str, Any] = {
@@ -92,6 +95,9 @@ class HashIndex:
         images = np.asarray(images)
         if images.ndim != 4 or images.dtype != np.uint8 or not len(images):
             raise EdgegenError(f"cannot index {images.dtype} {images.shape}: need uint8 (N, H, W, C), N > 0")
+        if min(images.shape[1:3]) < MIN_SIDE:
+            raise EdgegenError(f"cannot index {images.shape[2]}x{images.shape[1]} images: the perceptual hash "
+                               f"needs at least {MIN_SIDE}x{MIN_SIDE} pixels (use a larger --size)")
         hashes, stds = phash_batch(images, return_std=True)
         manifest = {
             "format": FORMAT, "settings": SETTINGS, "versions": _versions(),
@@ -292,12 +298,19 @@ def build_index(dataset_train: Any, dataset_heldout: Any, out_path: str | os.Pat
     """
     from edgegen.safety.audit import calibrate
 
+    if dataset_heldout is None:
+        raise EdgegenError("building an index needs held-out images (a test split) to calibrate on")
+    if not 0 < fpr < 1:   # checked again by calibrate; here before the slow hashing
+        raise EdgegenError(f"--fpr must be between 0 and 1, got {fpr}")
     if isinstance(dataset_train, np.ndarray):
         index = HashIndex.from_images(dataset_train)
     else:
         index = HashIndex.from_dataset(dataset_train)
     heldout = dataset_heldout if isinstance(dataset_heldout, np.ndarray) else dataset_heldout.images
     held_fp = dataset_fingerprint(heldout) if isinstance(dataset_heldout, np.ndarray) else dataset_heldout.fingerprint()
+    if held_fp == index.data_fingerprint:
+        raise EdgegenError("the held-out images are the training images; calibration needs images not in the "
+                           "training set (a test split)")
     calibrate(index, heldout, fpr, heldout_fingerprint=held_fp)
     if out_path is not None:
         index.save(out_path)

@@ -1,8 +1,8 @@
 """What an audit reads: a folder of image files, or an exported model that generates them.
 
 Both yield (names, images) in batches of the index's image shape, so the auditor can stream. Bad
-input is one :class:`EdgegenError` line before anything is written: an empty folder, a file that
-is not a readable image (unless skipped), an image of another size than the training images, a
+input is one :class:`EdgegenError` line before anything is written: an empty folder, an image file
+that cannot be decoded (unless skipped), an image of another size than the training images, a
 model whose recorded index fingerprint differs from the index's.
 """
 
@@ -17,21 +17,17 @@ import numpy as np
 
 from edgegen.errors import EdgegenError
 from edgegen.fileio import IMAGE_SUFFIXES
-from edgegen.runtime.manifest import MANIFEST, RUN_FILE
-from edgegen.runtime.stages import AUDIT_SUMMARY
 from edgegen.safety.index import HashIndex
-
-# The bookkeeping `edgegen generate` writes beside its images: not images, not errors.
-GENERATE_FILES = {MANIFEST, RUN_FILE, AUDIT_SUMMARY}
 
 
 def read_folder(folder: str | os.PathLike, shape: tuple[int, int, int], skip_bad: bool = False
                 ) -> tuple[list[str], np.ndarray, list[str]]:
     """Every image file under ``folder`` (sorted, recursive) as (names, (N, H, W, C) uint8, skipped).
 
-    Images must have the index's (H, W); colour is converted to its channel count. Non-image or
-    unreadable files stop the read with an error naming them, unless ``skip_bad``; the manifest and
-    run files of an ``edgegen generate`` folder are passed over, so its output audits as it is.
+    Only files with an image suffix (:data:`~edgegen.fileio.IMAGE_SUFFIXES`) count; others, such as
+    the manifest and run files of an ``edgegen generate`` folder, are ignored, so its output audits
+    as it is. Images must have the index's (H, W); colour is converted to its channel count. An
+    image file that cannot be decoded stops the read with an error naming it, unless ``skip_bad``.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -39,9 +35,8 @@ def read_folder(folder: str | os.PathLike, shape: tuple[int, int, int], skip_bad
     h, w, c = shape
     names, images, skipped = [], [], []
     for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
-                    and p.name not in GENERATE_FILES):
-        img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE if c == 1 else cv2.IMREAD_COLOR) \
-            if f.suffix.lower() in IMAGE_SUFFIXES else None
+                    and p.suffix.lower() in IMAGE_SUFFIXES):
+        img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE if c == 1 else cv2.IMREAD_COLOR)
         if img is None:
             if not skip_bad:
                 raise EdgegenError(f"{f}: not a readable image (use --skip-bad to skip such files)")

@@ -23,6 +23,10 @@ from edgegen.fileio import write_bytes_atomic, write_json_atomic
 from edgegen.training.models import VAE, Classifier, ClassifierConfig, GANConfig, Generator, VAEConfig
 
 
+# The weights each kind of run is loaded from: the EMA generator of a GAN, the whole VAE, the classifier.
+_MODEL_KEYS = {"gan": "G_ema", "vae": "vae", "classifier": "classifier"}
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomically write ``state`` (tensors and plain Python values only) and its JSON summary."""
     state = {**state, "version": __version__}
@@ -40,10 +44,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise EdgegenError(f"{path}: no checkpoint here (has the run finished its first checkpoint?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, ...: all mean "not a usable checkpoint"
-        raise EdgegenError(f"{path}: not a readable edgegen checkpoint ({type(e).__name__}: {e})") from None
+    except Exception:  # truncated zip, another format, pickle with code, ...: all mean "not a usable checkpoint"
+        # torch's own message spans lines and suggests weights_only=False, which would run code from the file.
+        raise EdgegenError(f"{path}: not a readable edgegen checkpoint (damaged, another kind of file, "
+                           "or holding code)") from None
     if not isinstance(state, dict) or "kind" not in state or "models" not in state:
         raise EdgegenError(f"{path}: not an edgegen checkpoint (missing kind/models)")
+    if state["kind"] not in _MODEL_KEYS:
+        raise EdgegenError(f"{path}: not an edgegen checkpoint (unknown model kind {state['kind']!r})")
     return state
 
 
@@ -78,18 +86,21 @@ def load_run(run: str | Path, which: str = "best") -> LoadedRun:
     its BatchNorm statistics recomputed for the averaged weights.
     """
     path = Path(run)
+    if not path.exists():
+        raise EdgegenError(f"{path}: no such run folder or checkpoint file")
     if path.is_dir():
         cands = [path / f"{which}.pt", path / "last.pt"]
         path = next((c for c in cands if c.is_file()), cands[-1])
     state = load_checkpoint(path)
-    key = {"gan": "G_ema", "vae": "vae", "classifier": "classifier"}[state["kind"]]
-    model = build_model(state["kind"], state["model_config"])
     try:
-        model.load_state_dict(state["models"][key])
-    except (KeyError, RuntimeError) as e:
-        raise EdgegenError(f"{path}: weights do not match the stored config ({e})") from None
+        model = build_model(state["kind"], state["model_config"])
+        model.load_state_dict(state["models"][_MODEL_KEYS[state["kind"]]])
+        step = int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__   # torch's messages span lines
+        raise EdgegenError(f"{path}: weights do not match the stored config ({reason})") from None
     model.eval()
-    return LoadedRun(state["kind"], model, state["model_config"], state.get("data", {}), int(state["step"]),
+    return LoadedRun(state["kind"], model, state["model_config"], state.get("data", {}), step,
                      path, state.get("metrics", {}))
 
 

@@ -8,7 +8,7 @@ Data sources (``--data``):
     fashion-mnist       Debian's dataset-fashion-mnist files, or $EDGEGEN_DATA
     DIR with IDX files  ``train-images-idx3-ubyte[.gz]`` + labels (MNIST layout)
     FILE.idx[.gz]       one IDX image file (labels beside it when named ``*-labels-*``)
-    DIR of images       PNG/JPEG; labels from sub-folder names
+    DIR of images       PNG/JPEG; labels from sub-folder names; files without an image suffix are ignored
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 # IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/ format).
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class NoSplitError(EdgegenError):
+    """The data set has no such split (e.g. an image folder without ``train/`` and ``test/``)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,9 @@ class ImageDataset:
         return sha256_hex(str(self.images.shape).encode(), np.ascontiguousarray(self.images).tobytes(), labels)
 
     def subset(self, n: int, seed: int = 0) -> "ImageDataset":
-        """A seeded random subset of ``n`` images (all of them when ``n >= len``)."""
+        """A seeded random subset of ``n`` images (all of them when ``n >= len``); ``n`` must be at least 1."""
+        if n < 1:
+            raise EdgegenError(f"{self.name}: a subset needs at least 1 image, got {n}")
         if n >= len(self):
             return self
         idx = np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
@@ -168,9 +174,10 @@ def _read_image(path: Path, channels: int) -> np.ndarray | None:
 def read_image_folder(root: str | os.PathLike, channels: int = 1, skip_bad: bool = False) -> ImageDataset:
     """Read a folder of images; sub-folder names become class labels (sorted), flat folders have none.
 
-    Images keep their own size here (see :func:`fit_images`). An unreadable file stops the
-    read with an error naming it, unless ``skip_bad`` is set, in which case it is listed in
-    ``ImageDataset.skipped``.
+    Only files with an image suffix (:data:`~edgegen.fileio.IMAGE_SUFFIXES`) are read; others (the
+    ``manifest.jsonl`` of an ``edgegen generate`` folder, notes) are ignored. Images keep their own
+    size here (see :func:`fit_images`). An image file that cannot be decoded stops the read with an
+    error naming it, unless ``skip_bad`` is set, in which case it is listed in ``ImageDataset.skipped``.
     """
     root = Path(root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -178,9 +185,9 @@ def read_image_folder(root: str | os.PathLike, channels: int = 1, skip_bad: bool
     images, labels, skipped, sizes = [], [], [], set()
     for label, (_, files) in enumerate(groups):
         for f in files:
-            if not f.is_file() or f.name.startswith("."):
+            if not f.is_file() or f.name.startswith(".") or f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            img = _read_image(f, channels) if f.suffix.lower() in IMAGE_SUFFIXES else None
+            img = _read_image(f, channels)
             if img is None:
                 if not skip_bad:
                     raise EdgegenError(f"{f}: not a readable image (use --skip-bad to skip such files)")
@@ -240,6 +247,10 @@ def load_dataset(
     """
     if split not in ("train", "test"):
         raise EdgegenError(f"unknown split {split!r} (expected train or test)")
+    if size is not None and size < 1:
+        raise EdgegenError(f"--size must be a positive number of pixels, got {size}")
+    if channels not in (None, 1, 3):
+        raise EdgegenError(f"--channels must be 1 or 3, got {channels}")
     if data == "fashion-mnist":
         ds = _load_idx_dir(fashion_mnist_root(), split, "fashion-mnist", FASHION_MNIST_CLASSES)
     else:
@@ -251,10 +262,12 @@ def load_dataset(
         elif _find_idx(path, "train") is not None:
             ds = _load_idx_dir(path, split, path.name, ())
         elif (path / "train").is_dir():
+            if not (path / split).is_dir():
+                raise NoSplitError(f"{data}: image folder has train/ but no {split}/ sub-folder")
             ds = read_image_folder(path / split, channels or 1, skip_bad)
             ds = ImageDataset(ds.images, ds.labels, ds.class_names, path.name, str(path), ds.skipped)
         elif split == "test":
-            raise EdgegenError(f"{data}: image folder has no test split (add train/ and test/ sub-folders)")
+            raise NoSplitError(f"{data}: image folder has no test split (add train/ and test/ sub-folders)")
         else:
             ds = read_image_folder(path, channels or 1, skip_bad)
     if size is None and channels is None:
@@ -266,7 +279,7 @@ def load_dataset(
 def _load_idx_dir(root: Path, split: str, name: str, class_names: tuple[str, ...]) -> ImageDataset:
     found = _find_idx(root, split)
     if found is None:
-        raise EdgegenError(f"{root}: no {split} split (expected {'train' if split == 'train' else 't10k'}-images-idx3-ubyte[.gz])")
+        raise NoSplitError(f"{root}: no {split} split (expected {'train' if split == 'train' else 't10k'}-images-idx3-ubyte[.gz])")
     images, labels = read_idx_pair(*found)
     if labels is not None and not class_names:
         class_names = tuple(str(i) for i in range(int(labels.max()) + 1))

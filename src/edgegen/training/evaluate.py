@@ -31,10 +31,12 @@ BUNDLED_DATA = "fashion-mnist"  # the data set the bundled classifier was traine
 
 def load_classifier(path: str | Path | None = None) -> Classifier:
     """Load a classifier checkpoint (default: the bundled Fashion-MNIST one) in eval mode."""
+    from edgegen.training.checkpoint import load_checkpoint
+
     path = Path(path) if path else BUNDLED_CLASSIFIER
     if not path.is_file():
         raise EdgegenError(f"{path}: no classifier here; train one with `edgegen train classifier`")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)   # weights_only; one clear line for a file that is not a checkpoint
     try:
         net = Classifier(ClassifierConfig(**state["model_config"]))
         # The bundled copy stores float16 weights (half the size); compute is always float32.
@@ -230,9 +232,11 @@ def _sample_images(target: Path, n: int, seed: int, label: int | None) -> tuple[
         from edgegen.runtime import Generator
 
         gen = Generator.load(target)
-        labels = _labels_for(n, len(gen.meta.class_names), label) if gen.meta.conditional else None
+        labels = _labels_for(n, len(gen.meta.class_names) if gen.meta.conditional else 0, label, target)
         return gen.generate(n, seed=seed, labels=labels), labels, gen.meta.data_name
     if target.is_dir() and not (target / "last.pt").exists():
+        if label is not None:
+            raise EdgegenError(f"{target}: --label applies to conditional models, not to a folder of images")
         ds = load_dataset(str(target))
         return ds.images, None, ""
     from edgegen.training.checkpoint import load_run
@@ -243,7 +247,7 @@ def _sample_images(target: Path, n: int, seed: int, label: int | None) -> tuple[
     cfg = run.model_config
     gen = torch.Generator().manual_seed(seed)
     k = cfg["num_classes"]
-    labels = _labels_for(n, k, label) if k else None
+    labels = _labels_for(n, k, label, target)
     out = []
     with torch.no_grad():
         for i in range(0, n, 500):
@@ -257,18 +261,30 @@ def _sample_images(target: Path, n: int, seed: int, label: int | None) -> tuple[
     return np.concatenate(out), labels, run.data.get("name", "")
 
 
-def _labels_for(n: int, k: int, label: int | None) -> np.ndarray:
+def _labels_for(n: int, k: int, label: int | None, target: Path) -> np.ndarray | None:
+    """Labels to sample with from a model of ``k`` classes (0: unconditional, which takes no --label)."""
+    if k == 0:
+        if label is not None:
+            raise EdgegenError(f"{target}: unconditional model; it takes no --label")
+        return None
     if label is not None and not 0 <= label < k:
         raise EdgegenError(f"--label {label} is out of range 0..{k - 1}")
     return np.full(n, label, np.int64) if label is not None else np.arange(n, dtype=np.int64) % k
 
 
-def evaluate_target(target: str, n: int = 10_000, seed: int = 0, data: str = "fashion-mnist",
+def evaluate_target(target: str, n: int | None = None, seed: int = 0, data: str = "fashion-mnist",
                     classifier: str | None = None, label: int | None = None) -> QualityReport:
-    """``edgegen eval``: quality of a run, an ONNX model or an image folder against ``data``'s test split."""
+    """``edgegen eval``: quality of a run, an ONNX model or an image folder against ``data``'s test split.
+
+    ``n`` samples are drawn from a run or model (default 10,000); a folder is read whole.
+    """
     path = Path(target)
     if not path.exists():
         raise EdgegenError(f"{target}: no such run, model or folder")
+    is_folder = path.is_dir() and not (path / "last.pt").exists()
+    if is_folder and n is not None:
+        raise EdgegenError(f"-n applies when sampling a run or model; {target} is a folder (every image is read)")
+    n = 10_000 if n is None else n
     if n < 10:
         raise EdgegenError(f"-n must be at least 10, got {n}")
     images, labels, _ = _sample_images(path, n, seed, label)

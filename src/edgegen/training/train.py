@@ -7,7 +7,8 @@ function of each kind. The loop owns what they share:
   epoch), so resuming needs no data-loader state;
 - time budget (``--minutes``, counted across resumes) or length (``--epochs``);
 - checkpoints every few minutes, at the end, and on Ctrl-C / SIGTERM (at a step boundary),
-  written atomically; ``best.pt`` kept beside ``last.pt`` by the quality metric;
+  written atomically; ``best.pt`` kept beside ``last.pt`` by the quality metric (without a test
+  split to measure on, ``best.pt`` is the latest checkpoint);
 - progress bar, ``metrics.jsonl``, a sample grid PNG per checkpoint.
 
 Resume restores weights, optimiser state, step and every RNG, so a resumed run takes the same
@@ -20,9 +21,11 @@ import copy
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,9 +36,12 @@ from tqdm.auto import tqdm
 from edgegen.errors import EdgegenError
 from edgegen.fileio import atomic_write, write_bytes_atomic
 from edgegen.training.checkpoint import load_checkpoint, save_checkpoint
-from edgegen.training.data import ImageDataset, load_dataset
+from edgegen.training.data import ImageDataset, NoSplitError, load_dataset
 from edgegen.training.models import VAE, Classifier, ClassifierConfig, Discriminator, GANConfig, Generator, VAEConfig
 from edgegen.training.models.gan import ema_update, hinge_d_loss, hinge_g_loss, recompute_bn_stats
+
+if TYPE_CHECKING:
+    from edgegen.safety.index import HashIndex
 
 
 MODE_SEEKING_CONDITIONAL = 0.2
@@ -233,6 +239,33 @@ class ClassifierTask:
 # ----------------------------------------------------------------------------- the loop
 
 
+def check_options(opts: TrainOptions) -> None:
+    """Refuse bad option values before anything is read or written; the message names the CLI option.
+
+    ``None`` means "not set" (the default applies); a value that is set must make sense, so
+    ``--epochs 0`` is an error, not "no limit".
+    """
+    if opts.kind not in ("gan", "vae", "classifier"):
+        raise EdgegenError(f"unknown model kind {opts.kind!r} (expected gan, vae or classifier)")
+    for option, value in (("--epochs", opts.epochs), ("--minutes", opts.minutes), ("--lr", opts.lr),
+                          ("--checkpoint-minutes", opts.checkpoint_minutes)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise EdgegenError(f"{option} must be a positive number, got {value:g}")
+    for option, value in (("--beta", opts.beta), ("--mode-seeking", opts.mode_seeking)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise EdgegenError(f"{option} must be zero or a positive number, got {value:g}")
+    for option, value in (("--batch-size", opts.batch_size), ("--width", opts.width),
+                          ("--latent-dim", opts.latent_dim)):
+        if value is not None and value < 1:
+            raise EdgegenError(f"{option} must be at least 1, got {value}")
+    if opts.seed < 0:
+        raise EdgegenError(f"--seed must be zero or positive, got {opts.seed}")
+    if opts.size not in (28, 32, 64):
+        raise EdgegenError(f"--size must be 28, 32 or 64, got {opts.size}")
+    if opts.channels not in (None, 1, 3):
+        raise EdgegenError(f"--channels must be 1 or 3, got {opts.channels}")
+
+
 def _model_config(opts: TrainOptions, data: ImageDataset) -> dict:
     channels = data.image_shape[2]
     k = data.num_classes if opts.conditional else 0
@@ -309,6 +342,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
 
 def train(opts: TrainOptions) -> Path:
     """Train (or resume) a run in ``opts.out``; returns the path of its final ``last.pt``."""
+    check_options(opts)
     out = Path(opts.out)
     last = out / "last.pt"
     state = None
@@ -318,10 +352,11 @@ def train(opts: TrainOptions) -> Path:
         if saved["kind"] != opts.kind:
             raise EdgegenError(f"{last}: this run trains a {saved['kind']}, not a {opts.kind}")
         # The run's own recipe wins; only the budget and the progress display may change on resume.
-        opts = TrainOptions(**{**saved, "out": str(out), "minutes": opts.minutes or saved["minutes"],
+        opts = TrainOptions(**{**saved, "out": str(out),
+                               "minutes": opts.minutes if opts.minutes is not None else saved["minutes"],
                                "mode_seeking": saved.get("mode_seeking", 0.0),   # runs from before the option
-                               "epochs": opts.epochs or saved["epochs"], "resume": True,
-                               "progress": opts.progress, "device": opts.device or saved["device"]})
+                               "epochs": opts.epochs if opts.epochs is not None else saved["epochs"],
+                               "resume": True, "progress": opts.progress, "device": opts.device or saved["device"]})
     elif last.exists():
         raise EdgegenError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
     if opts.minutes is None and opts.epochs is None:
@@ -331,8 +366,6 @@ def train(opts: TrainOptions) -> Path:
         # per class (recall 0.01); 0.2 keeps class agreement at 0.90 with recall 0.6 (0.3: more diverse,
         # agreement 0.88). The unconditional GAN trained no better with it (0.3), so it stays off there.
         opts.mode_seeking = MODE_SEEKING_CONDITIONAL if opts.kind == "gan" and opts.conditional else 0.0
-    if opts.batch_size < 1:
-        raise EdgegenError(f"--batch-size must be positive, got {opts.batch_size}")
 
     data = load_dataset(opts.data, "train", size=opts.size, channels=opts.channels, skip_bad=opts.skip_bad)
     if len(data) < opts.batch_size:
@@ -342,15 +375,17 @@ def train(opts: TrainOptions) -> Path:
     if state is not None and state["data"]["fingerprint"] != data_info["fingerprint"]:
         raise EdgegenError(f"{opts.data}: data differs from the data this run was trained on (fingerprint mismatch)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
+    # Everything that can fail on bad input happens before the run folder is made: no half-made runs.
     device = _resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     model_config = state["model_config"] if state else _model_config(opts, data)
     task = _make_task(opts.kind, model_config, opts, device, data)
     test = _test_split(opts, data)
     quality = _QualityProbe(opts, test, data.name)
+    index = _training_index(opts, data, test) if state is None and opts.kind != "classifier" else None
 
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
     step, elapsed, best, metrics = 0, 0.0, None, {}
     if state is not None:
         task.load(state)
@@ -360,10 +395,8 @@ def train(opts: TrainOptions) -> Path:
     else:
         (out / "config.json").write_text(json.dumps({"train": asdict(opts), "model": model_config,
                                                      "data": data_info}, indent=2))
-        if opts.kind != "classifier":  # the training-set index the memorization audit needs
-            from edgegen.safety.index import build_index
-
-            build_index(data, test, out / "train.idx")
+        if index is not None:
+            index.save(out / "train.idx")
 
     images_u8 = torch.from_numpy(data.images)                         # (N, H, W, C) uint8, stays on CPU
     labels = torch.from_numpy(data.labels) if data.labels is not None else None
@@ -389,7 +422,7 @@ def train(opts: TrainOptions) -> Path:
             best = value
         ckpt["best"] = best
         save_checkpoint(last, ckpt)
-        if better or not (out / "best.pt").exists():
+        if better or value is None or not (out / "best.pt").exists():  # no metric: the latest is the best
             save_checkpoint(out / "best.pt", ckpt)
         _log(out, {"step": step, "elapsed": round(elapsed, 1), "checkpoint": True, **metrics})
 
@@ -441,10 +474,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _test_split(opts: TrainOptions, data: ImageDataset) -> ImageDataset | None:
     """The held-out split fitted like the training data (read once per run), or None when there is none."""
-    try:
-        return load_dataset(opts.data, "test", size=opts.size, channels=data.image_shape[2])
-    except EdgegenError:
+    if Path(opts.data).is_file():  # one IDX file: its "test" split would be the training images themselves
         return None
+    try:
+        return load_dataset(opts.data, "test", size=opts.size, channels=data.image_shape[2], skip_bad=opts.skip_bad)
+    except NoSplitError:
+        return None
+
+
+def _training_index(opts: TrainOptions, data: ImageDataset, test: ImageDataset | None) -> HashIndex | None:
+    """The memorization audit's index of the training set, calibrated on the test split (not saved yet).
+
+    Without a test split there is nothing to calibrate on: no index, and one line says how to get one.
+    """
+    if test is None:
+        print(f"edgegen: note: {opts.data} has no test split, so the memorization index train.idx was not "
+              "built; to get one, split the images into train/ and test/ sub-folders and run "
+              "`edgegen index build --data FOLDER --out train.idx`", file=sys.stderr)
+        return None
+    from edgegen.safety.index import build_index
+
+    return build_index(data, test, None)
 
 
 class _QualityProbe:
