@@ -152,3 +152,24 @@ def test_audit_takes_a_bundled_model_name(tmp_path, capsys):
     report = tmp_path / "r.html"
     assert main(["audit", "gan", "-n", "40", "--index", str(ASSETS / "fashion-mnist.idx"), "--report", str(report)]) == 0
     assert "of 40 images flagged" in capsys.readouterr().out and report.is_file()
+
+
+def test_npz_shards_from_generate_are_detected_and_audited(tmp_path, monkeypatch, capsys):
+    import json
+
+    from edgegen.runtime.generator import ASSETS
+
+    monkeypatch.setenv(KEY_ENV, write_key(tmp_path / "wm.key").hex())
+    out = tmp_path / "gen"
+    assert main(["generate", "-n", "20", "--out", str(out), "--format", "npz", "--shard-size", "8", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["watermark", "detect", str(out)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(20)) and all(r["detected"] for r in rows)
+    assert main(["audit", str(out), "--index", str(ASSETS / "fashion-mnist.idx"), "--report", str(tmp_path / "r.html"),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert "of 20 images flagged" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "r.json").read_text())["scores"]) == 20
+    (out / "shard-000001.npz").write_bytes(b"not npz")
+    assert main(["watermark", "detect", str(out)]) == 1
+    assert "shard-000001.npz: not an edgegen npz shard" in capsys.readouterr().out

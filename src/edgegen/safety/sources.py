@@ -20,14 +20,31 @@ from edgegen.fileio import IMAGE_SUFFIXES
 from edgegen.safety.index import HashIndex
 
 
+def read_npz_shard(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """An ``edgegen generate --format npz`` shard as (indices (N,), images (N, H, W, C) uint8).
+
+    Read without pickle; anything else than edgegen's two arrays is one clear error naming the file.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            indices, images = z["indices"], z["images"]
+    except (OSError, ValueError, KeyError) as e:
+        raise EdgegenError(f"{path}: not an edgegen npz shard ({type(e).__name__})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or indices.shape != (len(images),):
+        raise EdgegenError(f"{path}: not an edgegen npz shard (images {images.dtype} {images.shape}, "
+                           f"indices {indices.shape})")
+    return indices.astype(np.int64), images
+
+
 def read_folder(folder: str | os.PathLike, shape: tuple[int, int, int], skip_bad: bool = False
                 ) -> tuple[list[str], np.ndarray, list[str]]:
-    """Every image file under ``folder`` (sorted, recursive) as (names, (N, H, W, C) uint8, skipped).
+    """Every image under ``folder`` (sorted, recursive) as (names, (N, H, W, C) uint8, skipped).
 
-    Only files with an image suffix (:data:`~edgegen.fileio.IMAGE_SUFFIXES`) count; others, such as
-    the manifest and run files of an ``edgegen generate`` folder, are ignored, so its output audits
-    as it is. Images must have the index's (H, W); colour is converted to its channel count. An
-    image file that cannot be decoded stops the read with an error naming it, unless ``skip_bad``.
+    Image files (suffixes in :data:`~edgegen.fileio.IMAGE_SUFFIXES`) and ``edgegen generate``
+    npz shards (each row named ``<file>#<index>``) count; others, such as the manifest and run
+    files of a generate folder, are ignored, so its output audits as it is. Images must have the
+    index's (H, W); colour is converted to its channel count. A file that cannot be decoded stops
+    the read with an error naming it, unless ``skip_bad``.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -35,7 +52,18 @@ def read_folder(folder: str | os.PathLike, shape: tuple[int, int, int], skip_bad
     h, w, c = shape
     names, images, skipped = [], [], []
     for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
-                    and p.suffix.lower() in IMAGE_SUFFIXES):
+                    and p.suffix.lower() in IMAGE_SUFFIXES | {".npz"}):
+        if f.suffix.lower() == ".npz":
+            indices, shard = read_npz_shard(f)
+            if shard.shape[1:3] != (h, w):
+                raise EdgegenError(f"{f}: images are {shard.shape[2]}x{shard.shape[1]} but the index holds "
+                                   f"{w}x{h} training images")
+            if shard.shape[3] != c:     # as the image files: grey by OpenCV's luma, or grey repeated
+                shard = (np.stack([cv2.cvtColor(im, cv2.COLOR_RGB2GRAY) for im in shard])[..., None] if c == 1
+                         else np.repeat(shard, 3, axis=3))
+            names += [f"{f.relative_to(root)}#{i}" for i in indices]
+            images += list(shard)
+            continue
         img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE if c == 1 else cv2.IMREAD_COLOR)
         if img is None:
             if not skip_bad:

@@ -42,13 +42,14 @@ def _read_with_alpha(path: Path) -> tuple[np.ndarray, np.ndarray | None] | None:
     return img, alpha
 
 
-def expand_paths(items: Iterable[str]) -> list[Path]:
-    """Files as given, folders replaced by their image files (sorted, not recursive)."""
+def expand_paths(items: Iterable[str], npz: bool = False) -> list[Path]:
+    """Files as given, folders replaced by their image files (and npz shards if ``npz``; sorted, not recursive)."""
+    suffixes = IMAGE_SUFFIXES | ({".npz"} if npz else set())
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes))
         else:
             out.append(p)
     return out
@@ -114,30 +115,43 @@ def embed_files(images: list[str], out_dir: str, key_path: str | None = None, pa
 def detect_files(images: list[str], key_path: str | None = None, threshold: float = DEFAULT_THRESHOLD) -> int:
     """Print one JSON line per file (file, detected, p_value, payload, matching_bits, key).
 
-    Unreadable or too-small files get a line with an ``error`` and are named on stderr; the
-    return value (the exit code) is 0 when every file was read, 1 otherwise.
+    An ``edgegen generate`` npz shard gives one line per image, with its ``index``. Unreadable or
+    too-small files get a line with an ``error`` and are named on stderr; the return value (the
+    exit code) is 0 when every file was read, 1 otherwise.
     """
     wm = Watermarker(load_key(key_path), threshold=threshold)
-    paths = expand_paths(images)
+    paths = expand_paths(images, npz=True)
     if not paths:
         raise EdgegenError("no image files found in the given paths")
     unreadable = []
     for path in paths:
-        img = read_image(path) if path.is_file() else None
         try:
-            det = wm.detect(img[None]) if img is not None else None
-        except EdgegenError as e:                 # e.g. an image too small to carry the mark
-            det, reason = None, str(e)
-        else:
-            reason = "not a readable 8-bit image" if path.exists() else "no such file"
-        if det is None:
+            rows, batch = _read_for_detection(path)
+            dets = wm.detect(batch)
+        except EdgegenError as e:                 # unreadable, or too small to carry the mark
             unreadable.append(str(path))
-            print(json.dumps({"file": str(path), "error": reason}))
+            print(json.dumps({"file": str(path), "error": str(e)}))
             continue
-        d = det[0]
-        print(json.dumps({"file": str(path), "detected": d.detected, "p_value": d.p_value, "payload": d.payload,
-                          "matching_bits": f"{d.matching_bits}/{d.sync_bits}", "key": wm.fingerprint}))
+        for row, d in zip(rows, dets):
+            print(json.dumps({"file": str(path), **row, "detected": d.detected, "p_value": d.p_value,
+                              "payload": d.payload, "matching_bits": f"{d.matching_bits}/{d.sync_bits}",
+                              "key": wm.fingerprint}))
     if unreadable:
         print(f"edgegen: could not read {len(unreadable)} file(s): {', '.join(unreadable)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _read_for_detection(path: Path) -> tuple[list[dict], np.ndarray]:
+    """(one dict of extra JSON fields per image, images as a batch) of an image file or npz shard."""
+    from edgegen.safety.sources import read_npz_shard
+
+    if not path.exists():
+        raise EdgegenError("no such file")
+    if path.suffix.lower() == ".npz":
+        indices, shard = read_npz_shard(path)
+        return [{"index": int(i)} for i in indices], shard
+    img = read_image(path)
+    if img is None:
+        raise EdgegenError("not a readable 8-bit image")
+    return [{}], img[None]
