@@ -56,8 +56,8 @@ def test_golden_fingerprint_and_pattern(wm):
     assert wm.fingerprint == "048613ee44337668" and "048613" in repr(wm) and KEY.hex() not in repr(wm)
     x = fmnist(32, 1)
     marked = wm.embed(x, 0xBEEF)
-    # Re-pinned for the gain floor of 20 grey levels (step 0.054), from a run that detected it.
-    assert hashlib.sha256(marked.tobytes()).hexdigest()[:16] == "f31ec2cdded0e127"
+    # Re-pinned for the gain floor of 20 grey levels (step 0.060, strength 0.9), from a run that detected it.
+    assert hashlib.sha256(marked.tobytes()).hexdigest()[:16] == "f7656cc7e63100a8"
     assert not np.array_equal(marked, x)
     d = wm.detect(marked)[0]
     assert d.detected and d.payload == 0xBEEF and d.sync_bits == 39
