@@ -320,6 +320,8 @@ def test_watermark_stage_marks_and_records_fingerprint_only(models, tmp_path, mo
         json.dumps({"key": key_fingerprint(key), "payload": 4242}, sort_keys=True)}
     for f in out.iterdir():                                                  # the key itself is nowhere
         assert key.hex().encode() not in f.read_bytes()
+    stage = json.loads((out / "run.json").read_text())["identity"]["stages"][0]
+    assert stage["version"] == wm.VERSION and stage["key"] == key_fingerprint(key)   # a resume never mixes schemes
     imgs = np.stack([cv2.imread(str(out / r["file"]), cv2.IMREAD_GRAYSCALE) for r in recs])
     dets = wm.Watermarker(key).detect(imgs)
     assert sum(d.detected for d in dets) >= 38 and {d.payload for d in dets if d.detected} == {4242}

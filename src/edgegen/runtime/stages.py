@@ -51,7 +51,9 @@ class WatermarkStage:
         return f"WatermarkStage(key={self.fingerprint}, payload={self.payload})"
 
     def identity(self) -> dict:
-        return {"stage": "watermark", "key": self.fingerprint, "payload": self.payload,
+        from edgegen.safety.watermark import VERSION
+
+        return {"stage": "watermark", "version": VERSION, "key": self.fingerprint, "payload": self.payload,
                 "payload_bits": self.payload_bits}
 
     def __call__(self, images: np.ndarray, indices: np.ndarray,

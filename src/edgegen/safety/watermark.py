@@ -66,6 +66,9 @@ from edgegen.errors import EdgegenError
 from edgegen.safety.keys import KEY_BYTES, key_fingerprint
 
 DEFAULT_THRESHOLD = 1e-6
+# The scheme's version: 2 added the gain floor, the gain hypotheses and distortion compensation;
+# a detector finds only marks of its own version (runs record it, so a resume never mixes two).
+VERSION = 2
 # ITU-R BT.601 luma weights (as OpenCV's RGB2GRAY and JPEG's YCbCr).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _MIN_SIDE = 8           # smaller images cannot hold an F=8 band
