@@ -38,6 +38,10 @@ How it works (spread-transform dither modulation on a global low-frequency trans
   reported p-value is the best one divided by its share of the false-alarm budget (half for
   the image as it is, a quarter for the attack inverses, a quarter for the gains, each
   share split evenly: weighted Bonferroni), so it stays a true false-positive bound.
+* Object mark. A darkening clips a black background and the mark's part on it; a second,
+  small mark on the object region (:mod:`edgegen.safety.objectmark`, 16 projections, exact
+  under any darkening) is tried on the images the main mark did not find, with a tenth of the
+  non-identity budget. It carries no payload.
 * Payload. The payload is split into chunks of <= 8 bits, each coded with a fixed systematic
   binary code (by default rate 2/3: 16 bits on 24 projections, minimum distance 3) and read,
   only when the p-value passes, by soft maximum likelihood: the codeword whose signs best
@@ -63,12 +67,14 @@ from scipy.signal import fftconvolve
 from scipy.special import i0e
 
 from edgegen.errors import EdgegenError
+from edgegen.safety import objectmark
 from edgegen.safety.keys import KEY_BYTES, key_fingerprint
 
 DEFAULT_THRESHOLD = 1e-6
-# The scheme's version: 2 added the gain floor, the gain hypotheses and distortion compensation;
-# a detector finds only marks of its own version (runs record it, so a resume never mixes two).
-VERSION = 2
+# The scheme's version: 2 added the gain floor, the gain hypotheses and distortion compensation,
+# 3 the object mark. A detector finds only marks of its own version (runs record it, so a resume
+# never mixes two).
+VERSION = 3
 # ITU-R BT.601 luma weights (as OpenCV's RGB2GRAY and JPEG's YCbCr).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _MIN_SIDE = 8           # smaller images cannot hold an F=8 band
@@ -88,7 +94,8 @@ class Detection:
     ``p_value`` bounds the probability that an unmarked image (or one marked with another
     key) scores at least this well, Bonferroni-corrected over the hypotheses tried.
     ``matching_bits`` of ``sync_bits`` sync projections decoded to their key-derived bit
-    (a Binomial(n, 1/2) count under the null). ``payload`` is None unless ``detected``.
+    (a Binomial(n, 1/2) count under the null). ``payload`` is None unless ``detected``, and also
+    when only the object mark was found (it carries none; ``hypothesis`` then starts with ``object``).
     """
 
     detected: bool
@@ -295,7 +302,8 @@ class Watermarker:
                  payload_projections: int | None = None, min_psnr: float | None = DEFAULT_MIN_PSNR,
                  offsets: Sequence[float] = (0.0, -8.0, -16.0, -24.0),
                  blurs: Sequence[float] = (0.0, 0.7, 1.1), highlight: float | None = 8.0,
-                 noise_floor: bool = True, gains: Sequence[float] = DEFAULT_GAINS) -> None:
+                 noise_floor: bool = True, gains: Sequence[float] = DEFAULT_GAINS,
+                 object_mark: bool = True) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise EdgegenError(f"a watermark key must be {KEY_BYTES} bytes (load one with edgegen.safety.keys.load_key)")
         if not 2 <= band <= _MIN_SIDE:
@@ -349,11 +357,26 @@ class Watermarker:
                                if o < 0 and b == 0 and not f]
         self._names = [f"offset={o:g},blur={b:g}" + (",floor" if f else "") for o, b, f in self.hypotheses]
         self._names += ["gain" if i == 0 else f"{self._names[i]},gain" for i, _ in self._families]
+        # The object mark (edgegen.safety.objectmark): 16 more key-derived projections, tried only on
+        # images the main mark did not find, one hypothesis per darkening region d = 0..27.
+        self._object = None
+        if object_mark:
+            k2 = objectmark.BAND * objectmark.BAND - 1
+            g2 = _hmac_gaussians(key, "object/projection", k2 * k2).reshape(k2, k2)
+            q2, r2 = np.linalg.qr(g2)
+            self._object = objectmark.ObjectMark((q2 * np.sign(np.diag(r2))).T[:objectmark.N_PROJ],
+                                                 _hmac_uniforms(key, "object/dither", objectmark.N_PROJ),
+                                                 (_hmac_uniforms(key, "object/sync", objectmark.N_PROJ) < 0.5) * 1.0)
+        # Budget: half to the image as it is; of the other half, the object mark (whose hits are
+        # exact, p ~ 1e-15) takes a tenth, the attack inverses and the gains share the rest.
         inverses, members = len(self.hypotheses) - 1, sum(len(g) for _, g in self._families)
+        darkenings = len(objectmark.DARKENINGS) if object_mark else 0
+        obj_share = 0.05 if darkenings else 0.0
         shares = [s for s in (inverses, members) if s]
-        each = 0.5 / len(shares) if shares else 0.0
-        self._weights = np.array([1.0 - each * len(shares)] + [each / max(inverses, 1)] * inverses
+        each = (0.5 - obj_share) / len(shares) if shares else 0.0
+        self._weights = np.array([1.0 - obj_share - each * len(shares)] + [each / max(inverses, 1)] * inverses
                                  + [each / max(members, 1)] * len(self._families))
+        self._object_weight = obj_share / max(darkenings, 1)  # one darkening region's share
 
     def __repr__(self) -> str:  # never show the key
         return f"Watermarker(fingerprint={self.fingerprint}, payload_bits={self.payload_bits})"
@@ -449,6 +472,13 @@ class Watermarker:
             if it >= self.iterations - 2:
                 np.rint(x, out=x)
             np.clip(x, 0.0, 255.0, out=x)
+        if self._object is not None:                           # integer changes on the object, luma only
+            if gray:
+                x += self._object.change(x)
+            else:
+                room = (x.min(axis=3) >= 12.0) & (x.max(axis=3) <= 243.0)
+                x += self._object.change(to_luma(x), room)[..., None]
+            np.clip(x, 0.0, 255.0, out=x)
         if self.min_psnr is not None:
             x = self._cap_distortion(images.reshape(x.shape).astype(np.float32), x)
         return x.astype(np.uint8).reshape(images.shape)
@@ -532,8 +562,20 @@ class Watermarker:
             payload[detected] = self._decode(z[rows[detected], best[detected]])
         names = [self._names[b] + (f"={g:.3f}" if b >= len(self.hypotheses) else "")
                  for b, g in zip(best, gain[rows, best])]
-        return [Detection(bool(d), float(q), int(pl) if d else None, int(m), self.n_sync, float(s), name)
-                for d, q, pl, m, s, name in zip(detected, pv, payload, match[rows, best], score[rows, best], names)]
+        out = [Detection(bool(d), float(q), int(pl) if d else None, int(m), self.n_sync, float(s), name)
+               for d, q, pl, m, s, name in zip(detected, pv, payload, match[rows, best], score[rows, best], names)]
+        if self._object is not None and not detected.all():
+            # Only images the main mark missed: reporting the best of a subset of the declared
+            # hypotheses keeps the p-value a bound. The object mark has no payload.
+            left = np.flatnonzero(~detected)
+            x, gray = _check_images(images[left])
+            s2, m2, d2 = self._object.best(x if gray else to_luma(x))
+            p2 = np.minimum(1.0, null_p(s2, objectmark.N_PROJ) / self._object_weight)
+            for i, q, m, s, d in zip(left, p2, m2, s2, d2):
+                if q < out[i].p_value:
+                    out[i] = Detection(bool(q <= self.threshold), float(q), None, int(m), objectmark.N_PROJ,
+                                       float(s), f"object,offset={-int(d)}")
+        return out
 
 
 def _check_images(images: np.ndarray) -> tuple[np.ndarray, bool]:
