@@ -3,10 +3,10 @@
 Why: the main mark (:mod:`edgegen.safety.watermark`) is a global low-frequency pattern. On a dark
 background a darkening such as brightness -20 clips the background to 0 and takes the mark's
 background part with it, which no detector-side inverse can restore (7-14 % of marked images
-were still found after brightness -20; 99 % with this mark).
+were still found after brightness -20; 99-100 % with this mark, docs/benchmarks.md).
 
-What: the object region is M = {luma >= 27.5}. On M, the 24 lowest 2-D cosines (DC dropped) and
-the constant are orthonormalised (Gram matrix of M, Cholesky); the constant is then dropped, so
+What: the object region is M = {luma >= 27.5}. On M, the 24 lowest 2-D cosines (DC dropped) are
+centred (their mean on M removed, exactly) and orthonormalised (Gram matrix of M, Cholesky), so
 the 24 coordinates ignore any offset added to M. 16 key-derived orthonormal combinations of them,
 divided by a step of 6 grey levels, are quantised onto key-derived dithered lattice points (all
 sync bits, no payload), like the main mark. A darkening by d grey levels leaves every pixel of M
@@ -82,9 +82,9 @@ def _coordinates(luma: np.ndarray, mask: np.ndarray, h: int, w: int) -> tuple[np
     k = len(phi) - 1
     centred += 1e-3 * np.trace(centred, axis1=1, axis2=2)[:, None, None] / k * np.eye(k)
     linv = np.linalg.inv(np.linalg.cholesky(centred))
-    w_ = np.matmul(linv, np.concatenate([-mu[:, :, None], np.broadcast_to(np.eye(k), (len(mu), k, k))], axis=2))
+    wmat = np.matmul(linv, np.concatenate([-mu[:, :, None], np.broadcast_to(np.eye(k), (len(mu), k, k))], axis=2))
     inner = ((luma * mask).astype(np.float32) @ phi.T).astype(np.float64)      # (N, 25)
-    return np.matmul(w_, inner[..., None])[..., 0], w_, ok
+    return np.matmul(wmat, inner[..., None])[..., 0], wmat, ok
 
 
 class ObjectMark:
