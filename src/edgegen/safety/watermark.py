@@ -549,7 +549,9 @@ class Watermarker:
 
         The p-value is the smallest over hypotheses of the null tail (:func:`null_p`) divided by
         the hypothesis' share of the false-alarm budget (weighted Bonferroni); the payload is
-        decoded (under that hypothesis) only when it passes.
+        decoded (under that hypothesis) only when it passes. Images the main mark misses are
+        then scored on the object mark's darkening regions (hypothesis ``object,offset=-d``, with
+        -27 standing for any darkening of 27 or more; no payload).
         """
         score, match, z, gain = self.scores(images)
         p = np.minimum(1.0, null_p(score, self.n_sync) / self._weights[None, :])     # (N, H')
