@@ -3,20 +3,21 @@
 Why: the main mark (:mod:`edgegen.safety.watermark`) is a global low-frequency pattern. On a dark
 background a darkening such as brightness -20 clips the background to 0 and takes the mark's
 background part with it, which no detector-side inverse can restore (7-14 % of marked images
-were still found after brightness -20; 99-100 % with this mark, docs/benchmarks.md).
+were still found after brightness -20; 99-100 % with this mark, docs/benchmarks.md). A
+brightening does the same to white highlights.
 
-What: the object region is M = {luma >= 27.5}. On M, the 24 lowest 2-D cosines (DC dropped) are
-centred (their mean on M removed, exactly) and orthonormalised (Gram matrix of M, Cholesky), so
-the 24 coordinates ignore any offset added to M. 16 key-derived orthonormal combinations of them,
-divided by a step of 6 grey levels, are quantised onto key-derived dithered lattice points (all
-sync bits, no payload), like the main mark. A darkening by d grey levels leaves every pixel of M
-exactly d lower (M's pixels are above 27.5, so only pixels outside M clip), so the detector
-recovers M as {luma >= 27.5 - d} and the coordinates exactly: it tries the 28 regions d = 0..27,
-which cover any darkening (one hypothesis each).
+What: the object region is M = {27.5 <= luma <= 227.5}. On M, the 24 lowest 2-D cosines (DC
+dropped) are centred (their mean on M removed, exactly) and orthonormalised (Gram matrix of M,
+Cholesky), so the 24 coordinates ignore any offset added to M. 16 key-derived orthonormal
+combinations of them, divided by a step of 6 grey levels, are quantised onto key-derived dithered
+lattice points (all sync bits, no payload), like the main mark. A brightness change by o grey
+levels, |o| <= 27, moves every pixel of M by exactly o without clipping it, so the detector
+recovers M as {27.5 + o <= luma <= 227.5 + o} and the coordinates exactly: it tries o = -27..27
+(one hypothesis each).
 
-Embedding changes the finished integer image: least-norm steps on the pixels of M in 34..249 (away
-from the threshold and from white), each rounded against fixed random thresholds so that changes
-smaller than half a grey level survive (ObjectMark.change). Its cost is about 0.05 of MSE at
+Embedding changes the finished integer image: least-norm steps on the pixels of M in 34..221 (away
+from both thresholds), each rounded against fixed random thresholds so that changes smaller than
+half a grey level survive (ObjectMark.change). Its cost is about 0.05 of MSE at
 32 x 32 (0.02 dB of PSNR). Images whose region is too small (under 100 pixels) or larger than
 128 x 128 carry no object mark.
 """
@@ -27,16 +28,21 @@ from functools import lru_cache
 
 import numpy as np
 
-THRESHOLD = 27.5        # grey levels: M = {luma >= THRESHOLD}
-FREE = (34.0, 249.0)    # pixels of M the object mark may change
+REGION = (27.5, 227.5)  # grey levels: M = {REGION[0] <= luma <= REGION[1]} (half-integers: rounding keeps M)
+FREE = (34.0, 221.0)    # pixels of M the object mark may change
 BAND = 5                # 5 x 5 cosines less DC: 24 coordinates
 N_PROJ = 16
 STEP = 6.0              # grey levels per lattice step (orthonormal coordinates)
-DARKENINGS = range(28)  # d = 0..27: the regions of every darkening (ObjectMark.best)
+OFFSETS = range(-27, 28)   # brightness changes undone exactly (ObjectMark.best)
 MIN_PIXELS = 100
 MAX_PIXELS = 128 * 128
 PASSES = 2              # embedding passes (after brightness -20 at 32 px: 1 pass 95.8 % found, 2 98.8 %)
 _CHUNK = 512            # images per batch
+
+
+def region(luma: np.ndarray, offset: int = 0) -> np.ndarray:
+    """The object region of (N, H*W) luma after a brightness change ``offset``: M shifted, unclipped pixels."""
+    return (luma >= REGION[0] + offset) & (luma <= REGION[1] + offset) & (luma > 0) & (luma < 255)
 
 
 @lru_cache(maxsize=16)
@@ -116,7 +122,7 @@ class ObjectMark:
         dither = np.random.default_rng(0).random((passes, h * w), dtype=np.float32)   # fixed rounding thresholds
         for s in range(0, n, _CHUNK):
             x = luma[s:s + _CHUNK].reshape(-1, h * w).astype(np.float32)
-            mask = x >= THRESHOLD
+            mask = region(x)
             coords, wmat, ok = _coordinates(x, mask, h, w)
             z = self._z(coords)
             target = np.round(z - self.offset) + self.offset                  # nearest lattice point, once
@@ -140,26 +146,25 @@ class ObjectMark:
         return out.reshape(n, h, w)
 
     def best(self, luma: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(N, H, W) luma -> best sync score (N,), its matching bits (N,) and darkening d (N,) over ``DARKENINGS``.
+        """(N, H, W) luma -> best sync score (N,), its matching bits (N,) and brightness change o (N,) over ``OFFSETS``.
 
-        The coordinates ignore an offset, so undoing a darkening by d only needs its region:
-        M_d = {luma >= 27.5 - d, luma > 0}. Every d >= 27 gives the same M (every non-black pixel),
-        so the 28 regions d = 0..27 cover any darkening. Each is scored on the 16 residues (sum of
-        cosines: the same null law as the main mark's, with n = 16).
+        The coordinates ignore an offset, so undoing a brightness change o only needs its region,
+        ``region(luma, o)``. Each is scored on the 16 residues (sum of cosines: the same null law
+        as the main mark's, with n = 16).
         """
         n, h, w = luma.shape
         best = np.full(n, -float(N_PROJ))
-        best_d, match = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        best_o, match = np.zeros(n, np.int64), np.zeros(n, np.int64)
         if h * w > MAX_PIXELS:
-            return best, match, best_d
+            return best, match, best_o
         flat = luma.reshape(n, h * w).astype(np.float32)
-        for d in DARKENINGS:
+        for o in OFFSETS:
             for s in range(0, n, _CHUNK):
                 x = flat[s:s + _CHUNK]
-                coords, _, ok = _coordinates(x, (x >= THRESHOLD - d) & (x > 0), h, w)
+                coords, _, ok = _coordinates(x, region(x, o), h, w)
                 cos = np.cos(2.0 * np.pi * (self._z(coords) - self.offset))
                 score = np.where(ok, cos.sum(axis=1), -N_PROJ)
                 better = score > best[s:s + len(x)]
                 rows = np.arange(s, s + len(x))[better]
-                best[rows], best_d[rows], match[rows] = score[better], d, (cos[better] > 0).sum(axis=1)
-        return best, match, best_d
+                best[rows], best_o[rows], match[rows] = score[better], o, (cos[better] > 0).sum(axis=1)
+        return best, match, best_o

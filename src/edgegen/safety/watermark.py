@@ -38,10 +38,10 @@ How it works (spread-transform dither modulation on a global low-frequency trans
   reported p-value is the best one divided by its share of the false-alarm budget (half for
   the image as it is, a quarter for the attack inverses, a quarter for the gains, each
   share split evenly: weighted Bonferroni), so it stays a true false-positive bound.
-* Object mark. A darkening clips a black background and the mark's part on it; a second,
-  small mark on the object region (:mod:`edgegen.safety.objectmark`, 16 projections, exact
-  under any darkening) is tried on the images the main mark did not find, with a tenth of the
-  non-identity budget. It carries no payload.
+* Object mark. A darkening clips a black background and the mark's part on it (a brightening,
+  white highlights); a second, small mark on the object region (:mod:`edgegen.safety.objectmark`,
+  16 projections, exact under brightness changes up to 27 grey levels) is tried on the images
+  the main mark did not find, with a tenth of the non-identity budget. It carries no payload.
 * Payload. The payload is split into chunks of <= 8 bits, each coded with a fixed systematic
   binary code (by default rate 2/3: 16 bits on 24 projections, minimum distance 3) and read,
   only when the p-value passes, by soft maximum likelihood: the codeword whose signs best
@@ -358,7 +358,7 @@ class Watermarker:
         self._names = [f"offset={o:g},blur={b:g}" + (",floor" if f else "") for o, b, f in self.hypotheses]
         self._names += ["gain" if i == 0 else f"{self._names[i]},gain" for i, _ in self._families]
         # The object mark (edgegen.safety.objectmark): 16 more key-derived projections, tried only on
-        # images the main mark did not find, one hypothesis per darkening region d = 0..27.
+        # images the main mark did not find, one hypothesis per brightness change -27..27.
         self._object = None
         if object_mark:
             k2 = objectmark.BAND * objectmark.BAND - 1
@@ -370,13 +370,13 @@ class Watermarker:
         # Budget: half to the image as it is; of the other half, the object mark (whose hits are
         # exact, p ~ 1e-15) takes a tenth, the attack inverses and the gains share the rest.
         inverses, members = len(self.hypotheses) - 1, sum(len(g) for _, g in self._families)
-        darkenings = len(objectmark.DARKENINGS) if object_mark else 0
+        darkenings = len(objectmark.OFFSETS) if object_mark else 0
         obj_share = 0.05 if darkenings else 0.0
         shares = [s for s in (inverses, members) if s]
         each = (0.5 - obj_share) / len(shares) if shares else 0.0
         self._weights = np.array([1.0 - obj_share - each * len(shares)] + [each / max(inverses, 1)] * inverses
                                  + [each / max(members, 1)] * len(self._families))
-        self._object_weight = obj_share / max(darkenings, 1)  # one darkening region's share
+        self._object_weight = obj_share / max(darkenings, 1)  # one brightness change's share
 
     def __repr__(self) -> str:  # never show the key
         return f"Watermarker(fingerprint={self.fingerprint}, payload_bits={self.payload_bits})"
@@ -550,8 +550,8 @@ class Watermarker:
         The p-value is the smallest over hypotheses of the null tail (:func:`null_p`) divided by
         the hypothesis' share of the false-alarm budget (weighted Bonferroni); the payload is
         decoded (under that hypothesis) only when it passes. Images the main mark misses are
-        then scored on the object mark's darkening regions (hypothesis ``object,offset=-d``, with
-        -27 standing for any darkening of 27 or more; no payload).
+        then scored on the object mark's brightness changes (hypothesis ``object,offset=o``,
+        |o| <= 27; no payload).
         """
         score, match, z, gain = self.scores(images)
         p = np.minimum(1.0, null_p(score, self.n_sync) / self._weights[None, :])     # (N, H')
@@ -571,12 +571,12 @@ class Watermarker:
             # hypotheses keeps the p-value a bound. The object mark has no payload.
             left = np.flatnonzero(~detected)
             x, gray = _check_images(images[left])
-            s2, m2, d2 = self._object.best(x if gray else to_luma(x))
+            s2, m2, o2 = self._object.best(x if gray else to_luma(x))
             p2 = np.minimum(1.0, null_p(s2, objectmark.N_PROJ) / self._object_weight)
-            for i, q, m, s, d in zip(left, p2, m2, s2, d2):
+            for i, q, m, s, o in zip(left, p2, m2, s2, o2):
                 if q < out[i].p_value:
                     out[i] = Detection(bool(q <= self.threshold), float(q), None, int(m), objectmark.N_PROJ,
-                                       float(s), f"object,offset={-int(d)}")
+                                       float(s), f"object,offset={int(o)}")
         return out
 
 
