@@ -46,19 +46,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _existing_target(value: str):
-    """A folder or model file that exists, or the file of the bundled model named ``value``."""
-    from pathlib import Path
-
-    from edgegen.runtime import default_model_path
-
-    if Path(value).exists():
-        return Path(value)
-    if "/" not in value and not value.endswith(".onnx"):
-        try:
-            return default_model_path(value)
-        except EdgegenError:
-            pass
-    raise EdgegenError(f"{value}: no such folder, model file or bundled model")
+    """A folder or model file that exists, or the file of the bundled model named ``value`` (:func:`_model_arg`)."""
+    try:
+        path = _model_arg(value)
+    except EdgegenError:                     # not a bundled name either
+        path = None
+    if path is None or not path.exists():
+        raise EdgegenError(f"{value}: no such folder, model file or bundled model")
+    return path
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
