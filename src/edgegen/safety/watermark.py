@@ -38,10 +38,11 @@ How it works (spread-transform dither modulation on a global low-frequency trans
   reported p-value is the best one divided by its share of the false-alarm budget (half for
   the image as it is, a quarter for the attack inverses, a quarter for the gains, each
   share split evenly: weighted Bonferroni), so it stays a true false-positive bound.
-* Object mark. A darkening clips a black background and the mark's part on it (a brightening,
-  white highlights); a second, small mark on the object region (:mod:`edgegen.safety.objectmark`,
-  16 projections, exact under brightness changes up to 27 grey levels) is tried on the images
-  the main mark did not find, with a tenth of the non-identity budget. It carries no payload.
+* Object mark. A darkening or a contrast increase clips a black background and the mark's part
+  on it (a brightening, white highlights); a second, small mark on the object region
+  (:mod:`edgegen.safety.objectmark`, 20 projections normalised by the region's own contrast,
+  exact under brightness changes up to 27 grey levels and contrast gains 1..1.3) is tried on the
+  images the main mark did not find, with a tenth of the non-identity budget. It carries no payload.
 * Payload. The payload is split into chunks of <= 8 bits, each coded with a fixed systematic
   binary code (by default rate 2/3: 16 bits on 24 projections, minimum distance 3) and read,
   only when the p-value passes, by soft maximum likelihood: the codeword whose signs best
@@ -72,9 +73,9 @@ from edgegen.safety.keys import KEY_BYTES, key_fingerprint
 
 DEFAULT_THRESHOLD = 1e-6
 # The scheme's version: 2 added the gain floor, the gain hypotheses and distortion compensation,
-# 3 the object mark. A detector finds only marks of its own version (runs record it, so a resume
-# never mixes two).
-VERSION = 3
+# 3 the object mark, 4 the object mark's gain normalisation and gaps (contrast changes). A detector
+# finds only marks of its own version (runs record it, so a resume never mixes two).
+VERSION = 4
 # ITU-R BT.601 luma weights (as OpenCV's RGB2GRAY and JPEG's YCbCr).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _MIN_SIDE = 8           # smaller images cannot hold an F=8 band
@@ -297,7 +298,7 @@ class Watermarker:
     ``fingerprint`` is its public name.
     """
 
-    def __init__(self, key: bytes, payload_bits: int = 16, *, band: int = 8, step: float = 0.060,
+    def __init__(self, key: bytes, payload_bits: int = 16, *, band: int = 8, step: float = 0.0592,
                  threshold: float = DEFAULT_THRESHOLD, iterations: int = 6,
                  payload_projections: int | None = None, min_psnr: float | None = DEFAULT_MIN_PSNR,
                  offsets: Sequence[float] = (0.0, -8.0, -16.0, -24.0),
@@ -370,13 +371,13 @@ class Watermarker:
         # Budget: half to the image as it is; of the other half, the object mark (whose hits are
         # exact, p ~ 1e-15) takes a tenth, the attack inverses and the gains share the rest.
         inverses, members = len(self.hypotheses) - 1, sum(len(g) for _, g in self._families)
-        darkenings = len(objectmark.OFFSETS) if object_mark else 0
-        obj_share = 0.05 if darkenings else 0.0
+        regions = len(objectmark.HYPOTHESES) if object_mark else 0
+        obj_share = 0.05 if regions else 0.0
         shares = [s for s in (inverses, members) if s]
         each = (0.5 - obj_share) / len(shares) if shares else 0.0
         self._weights = np.array([1.0 - obj_share - each * len(shares)] + [each / max(inverses, 1)] * inverses
                                  + [each / max(members, 1)] * len(self._families))
-        self._object_weight = obj_share / max(darkenings, 1)  # one brightness change's share
+        self._object_weight = obj_share / max(regions, 1)  # one region hypothesis' share
 
     def __repr__(self) -> str:  # never show the key
         return f"Watermarker(fingerprint={self.fingerprint}, payload_bits={self.payload_bits})"
@@ -452,7 +453,7 @@ class Watermarker:
         x, gray = _check_images(images)
         n, h, w = x.shape[:3]
         if strength is None:
-            # 0.72 at 64 px: mean PSNR just above 40 dB there with the step 0.060 that 32 px needs
+            # 0.72 at 64 px: mean PSNR just above 40 dB there with the step (0.0592) that 32 px needs
             strength = float(np.clip(0.9 - 0.18 * np.log2(np.sqrt(h * w) / 32.0), 0.72, 0.9))
         if not 0.0 < strength <= 1.0:
             raise EdgegenError(f"strength must be in (0, 1], got {strength}")
@@ -472,15 +473,17 @@ class Watermarker:
             if it >= self.iterations - 2:
                 np.rint(x, out=x)
             np.clip(x, 0.0, 255.0, out=x)
+        host = images.reshape(x.shape).astype(np.float32)
+        if self.min_psnr is not None:
+            x = self._cap_distortion(host, x)
         if self._object is not None:                           # integer changes on the object, luma only
             if gray:
                 x += self._object.change(x)
             else:
-                room = (x.min(axis=3) >= 12.0) & (x.max(axis=3) <= 243.0)
-                x += self._object.change(to_luma(x), room)[..., None]
+                x += self._object.change(to_luma(x), x.min(axis=3), x.max(axis=3))[..., None]
             np.clip(x, 0.0, 255.0, out=x)
-        if self.min_psnr is not None:
-            x = self._cap_distortion(images.reshape(x.shape).astype(np.float32), x)
+            if self.min_psnr is not None:                      # the rare image the object mark took below
+                x = self._cap_distortion(host, x)
         return x.astype(np.uint8).reshape(images.shape)
 
     def _cap_distortion(self, host: np.ndarray, marked: np.ndarray) -> np.ndarray:
@@ -571,12 +574,13 @@ class Watermarker:
             # hypotheses keeps the p-value a bound. The object mark has no payload.
             left = np.flatnonzero(~detected)
             x, gray = _check_images(images[left])
-            s2, m2, o2 = self._object.best(x if gray else to_luma(x))
+            s2, m2, h2 = self._object.best(x if gray else to_luma(x))
             p2 = np.minimum(1.0, null_p(s2, objectmark.N_PROJ) / self._object_weight)
-            for i, q, m, s, o in zip(left, p2, m2, s2, o2):
+            for i, q, m, s, k in zip(left, p2, m2, s2, h2):
                 if q < out[i].p_value:
+                    low, high = objectmark.HYPOTHESES[k]
                     out[i] = Detection(bool(q <= self.threshold), float(q), None, int(m), objectmark.N_PROJ,
-                                       float(s), f"object,offset={int(o)}")
+                                       float(s), f"object,low={low:g},high={high:g}")
         return out
 
 
