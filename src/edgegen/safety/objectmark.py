@@ -5,26 +5,28 @@ background a darkening (brightness -20) or a contrast increase (x 1.2 about the 
 the background to 0 and takes the mark's background part with it, which no detector-side inverse
 can restore. A brightening does the same to white highlights.
 
-What: the object region is M = {27.5 < luma < 207.5}. On M, the 24 lowest 2-D cosines (DC
-dropped) are centred (their mean on M removed, exactly) and orthonormalised (Gram matrix of M,
-Cholesky), so the 24 coordinates ignore any offset added to M; divided by the region's own RMS
-contrast s they also ignore a gain. 16 key-derived orthonormal combinations of them, divided by a
-step of STEP * s (6 grey levels at the median s), are quantised onto key-derived dithered lattice
-points (all sync bits, no payload), like the main mark.
+What: the object region is M = {27 < luma < 207}. On M, the 35 lowest 2-D cosines (DC dropped)
+are centred (their mean on M removed, exactly) and orthonormalised (Gram matrix of M, Cholesky),
+so the 35 coordinates ignore any offset added to M; divided by the region's own RMS contrast s they
+also ignore a gain. 20 key-derived orthonormal combinations of them, divided by a step of
+STEP * s (8 grey levels at Fashion-MNIST's median s), are quantised onto key-derived dithered
+lattice points (all sync bits, no payload), like the main mark.
 
 An affine change y = g x + c (a brightness or contrast change, rounded) that clips no pixel of M
-maps M onto {g 27.5 + c < y < g 207.5 + c} and the coordinates / s onto themselves, so the detector
+maps M onto {g 27 + c < y < g 207 + c} and the coordinates / s onto themselves, so the detector
 only has to find the region's two thresholds again. To make that a coarse search, the embedder
-empties two gaps of luma values around the thresholds (26..29 and 206..209 stay empty; a pixel
-moves by 1 or 2 grey levels to the nearer side): any threshold inside the (moved, widened or
-narrowed) gap recovers M exactly, and a grid of thresholds every 4 grey levels always lands
-inside it for gains of 0.95 and up. The detector tries the pairs of that grid (``HYPOTHESES``:
-brightness changes -27..+27 and contrast gains 0.95..1.3, one hypothesis each).
+empties two gaps of luma values around the thresholds (26..28 and 206..208 stay empty; a pixel
+moves by 1 or 2 grey levels to the nearer side): any threshold inside the (moved, widened)
+gap recovers M exactly, and a grid of thresholds every 4 grey levels always lands inside it at
+gains of 1 and up. The detector tries the pairs of that grid (``HYPOTHESES``: brightness changes
+-27..+27 and contrast gains up to 1.3, one hypothesis each), skipping thresholds that have a
+pixel within one grey level on both sides.
 
 Embedding changes the finished integer image: the gaps first, then least-norm steps on the pixels
-of M in 34..201 (they stay out of the gaps), each rounded against fixed random thresholds so that
-changes smaller than half a grey level survive (``ObjectMark.change``). Images whose region is too
-small (under 100 pixels) or larger than 128 x 128 carry no object mark.
+of M, kept in 29..205 (out of the gaps), each rounded against fixed random thresholds so that
+changes smaller than half a grey level survive (``ObjectMark.change``). Cost at 32 x 32: about
+0.25 of MSE with the gaps. Images whose region is too small (under 100 pixels), too flat, larger
+than 128 x 128, or so near-degenerate that the mark would cost more than MAX_COST carry none.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ _CHUNK = 256            # images per batch (embedding)
 _PER = 32               # images per batch (detection)
 
 # The detector's grid: lower thresholds for brightness changes down to -27 and contrast increases
-# about a mean grey up to ~170, upper ones up to just below white; pairs whose distance is 0.95 to
+# about a mean grey up to ~165, upper ones up to just below white; pairs whose distance is 0.95 to
 # 1.3 times the region's (the gain). A gap of 3 empty values holds one point of a grid of 4 at
 # gains of 1 and up.
 _LOWS = np.arange(0.5, 57.0, 4.0)
@@ -120,8 +122,7 @@ def _centred(gram: np.ndarray, inner: np.ndarray, sumsq: np.ndarray) -> tuple[np
 
     ``gram`` (N, 36, 36) is the basis' Gram matrix on M, ``inner`` and ``sumsq`` come from
     ``_luma_sums``. The first basis function is the constant, so gram[:, 0, 0] is the pixel count
-    |M|, gram[:, 0, 1:] the cosines' sums and inner[:, 0] the luma's
-    sum. Centring (Schur complement of the constant) cancels any offset on M; the coordinates
+    |M|, gram[:, 0, 1:] the cosines' sums and inner[:, 0] the luma's sum. Centring (Schur complement of the constant) cancels any offset on M; the coordinates
     L^-1 v / s (C = L L^T) are orthonormal on M and ignore a gain too. The ridge (RIDGE of the mean
     diagonal) keeps near-degenerate regions stable; the embedder and the detector use the same formula.
     """
@@ -159,7 +160,7 @@ def _parallel(fn: Callable[[slice], None], items: list[slice]) -> None:
     """Run ``fn`` on each item, one thread per core (numpy releases the GIL in its batched linear
     algebra), with BLAS itself on one thread: its own threads on these small products fight the
     pool (measured at 32 px: object mark 3,400 images/s with both, 7,300 with the pool alone)."""
-    workers = min(len(items), os.cpu_count() or 1)
+    workers = min(len(items), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with threadpool_limits(1):
         if workers < 2:
             for item in items:
