@@ -189,11 +189,20 @@ def test_object_mark_survives_clipping_of_the_background(wm, size, name):
     assert not any(d.detected for d in wm.detect(attack(fmnist(size, 60, offset=900))))
 
 
+def test_object_mark_on_colour_images(wm):
+    # Colour: the region is about each pixel's smallest and largest channel, so that brightness and
+    # contrast changes clip no channel of it (the tinted images' red channel clips long before the luma).
+    m = wm.embed(fmnist(32, 60, rgb=True, offset=900), 3)
+    for name in ("brightness −20", "contrast ×1.2"):
+        dets = wm.detect(attacks.ATTACKS[name](m))
+        assert rate(dets) >= 0.9 and sum(d.detected and d.hypothesis.startswith("object") for d in dets) >= 20
+
+
 def test_object_coordinates_ignore_an_offset_and_a_gain_on_the_region():
     rng = np.random.default_rng(1)
     x = rng.integers(30, 200, (3, 32, 32)).astype(np.float32)
     phi, pv, pu = objectmark._basis(32, 32)
-    mask = objectmark.region(x.reshape(3, -1))
+    mask = objectmark.region(x.reshape(3, -1), x.reshape(3, -1))
 
     def coords(img: np.ndarray) -> np.ndarray:
         flat = img.reshape(3, -1)

@@ -40,8 +40,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 REGION = (27.0, 207.0)  # grey levels: M = {REGION[0] < luma < REGION[1]}
-GAP = 1.5               # luma within GAP of a threshold is moved out of it (26..28 and 206..208 stay empty)
-FREE = (29.0, 205.0)    # luma range the object mark's changes stay in (M less the gaps)
+GAP = 2.0               # luma strictly within GAP of a threshold moves out (26..28 and 206..208 stay empty)
+FREE = (29.0, 205.0)    # the object mark's changes keep M's channels in here (M less the gaps)
 BAND = 6                # 6 x 6 cosines less DC: 35 coordinates
 N_PROJ = 20
 STEP = 8.0 / 46.0       # lattice step per unit of s: 8 grey levels at Fashion-MNIST's median s (46)
@@ -99,9 +99,11 @@ def _gram(tables: np.ndarray) -> np.ndarray:
     return tables[:, _GATHER].astype(np.float64).reshape(-1, _K, _K)
 
 
-def region(luma: np.ndarray, low: float = REGION[0], high: float = REGION[1]) -> np.ndarray:
-    """The object region of (N, H*W) luma between two thresholds (unclipped pixels only)."""
-    return (luma > max(low, 0.5)) & (luma < min(high, 254.5))
+def region(lo: np.ndarray, hi: np.ndarray, low: float | np.ndarray = REGION[0],
+           high: float | np.ndarray = REGION[1]) -> np.ndarray:
+    """The object region: pixels whose smallest channel ``lo`` is above ``low`` and largest ``hi``
+    below ``high`` (both the luma for grey images), so that no channel of it is clipped at 0 or 255."""
+    return (lo > np.maximum(low, 0.5)) & (hi < np.minimum(high, 254.5))
 
 
 def _luma_sums(x: np.ndarray, mask: np.ndarray, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,16 +172,17 @@ def _parallel(fn: Callable[[slice], None], items: list[slice]) -> None:
             list(pool.map(fn, items))
 
 
-def _gap_moves(luma: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The integer change (same shape as ``luma``) that moves every luma inside a gap to its nearer side.
+def _gap_moves(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The integer change (same shape) that moves every pixel inside a gap to the gap's nearer side.
 
-    ``lo`` and ``hi`` are each pixel's smallest and largest channel (the luma itself for grey
-    images): a move must keep every channel in 0..255, else the other side is taken, else none.
+    ``lo`` and ``hi`` are each pixel's smallest and largest channel (the luma for grey images):
+    the lower gap is about ``lo``, the upper about ``hi`` (so that ``region`` sees them), and a
+    move, added to every channel, must keep them in 0..255, else the other side is taken, else none.
     """
-    d = np.zeros_like(luma)
-    for t in REGION:
-        inside = (luma > t - GAP) & (luma < t + GAP)
-        down, up = -np.ceil(luma - (t - GAP)), np.ceil(t + GAP - luma)
+    d = np.zeros_like(lo)
+    for t, v in zip(REGION, (lo, hi)):
+        inside = (v > t - GAP) & (v < t + GAP)
+        down, up = -np.ceil(v - (t - GAP)), np.ceil(t + GAP - v)
         down_ok, up_ok = lo + down >= 0, hi + up <= 255
         move = np.where((-down <= up) & down_ok | ~up_ok, np.where(down_ok, down, 0.0), up)
         d = np.where(inside, move, d)
@@ -201,7 +204,7 @@ class ObjectMark:
         """(N, H, W) luma -> (N, H, W) integer change: the gaps emptied and the object coordinates on the lattice.
 
         ``lo`` and ``hi`` (N, H, W), for colour images: each pixel's smallest and largest channel
-        (a luma change is added to all three channels, which must stay in 0..255).
+        (``region``; a luma change is added to all three channels).
 
         Each pass solves the least-norm change on the free pixels P of M that moves the projections
         to their lattice points and is orthogonal to the centred luma (so s stays put to first
@@ -221,13 +224,14 @@ class ObjectMark:
         def chunk(sl: slice) -> None:
             x = luma[sl].reshape(-1, h * w).astype(np.float32)
             if grey:                                                      # integer luma: a table
-                gaps = _gap_moves(*(np.arange(256, dtype=np.float32),) * 3)[x.astype(np.uint8)]
+                gaps = _gap_moves(*(np.arange(256, dtype=np.float32),) * 2)[x.astype(np.uint8)]
                 flat = [x, x, x]
             else:
                 flat = [x] + [a[sl].reshape(-1, h * w).astype(np.float32) for a in (lo, hi)]
-                gaps = _gap_moves(*flat)
+                gaps = _gap_moves(*flat[1:])
             x = x + gaps
-            mask = region(x)
+            lo_, hi_ = flat[1] + gaps, flat[2] + gaps
+            mask = region(lo_, hi_)
             # M's geometry and so its coordinate frame are fixed; s moves a little.
             gram = _gram(_tables(mask.reshape(-1, h, w), pv, pu))
             inner, sumsq = _luma_sums(x, mask, phi)
@@ -237,10 +241,10 @@ class ObjectMark:
             qmat = np.concatenate([-np.matmul(q, mu[..., None]), q], axis=2)
             z = np.matmul(qmat, inner[..., None])[..., 0] / (s_m[:, None] * STEP)
             target = np.round(z - self.offset) + self.offset                  # nearest lattice point, once
-            # Each pixel's change keeps it out of the gaps and every channel in 0..255.
+            # Each pixel's (integer) change keeps it out of the gaps and every channel in 0..255.
             free = mask & ok[:, None]
-            floor = np.where(free, np.maximum(FREE[0] - x, -(flat[1] + gaps)), 0.0)
-            ceil = np.where(free, np.minimum(FREE[1] - x, 255.0 - (flat[2] + gaps)), 0.0)
+            floor = np.where(free, np.ceil(FREE[0] - lo_), 0.0)
+            ceil = np.where(free, np.floor(FREE[1] - hi_), 0.0)
             free &= (floor < 0) & (ceil > 0)
             gram_p = _gram(_tables(free.reshape(-1, h, w), pv, pu))
             count = np.maximum(mask.sum(axis=1, keepdims=True), 1)
@@ -274,14 +278,15 @@ class ObjectMark:
         _parallel(chunk, [slice(s, s + _CHUNK) for s in range(0, n, _CHUNK)])
         return out.reshape(n, h, w)
 
-    def best(self, luma: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def best(self, luma: np.ndarray, lo: np.ndarray | None = None,
+             hi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(N, H, W) luma -> best sync score (N,), its matching bits (N,) and its index in ``HYPOTHESES`` (N,).
 
-        Only thresholds inside an empty run of luma values are tried (a marked image's two gaps
-        always hold one; a pair whose threshold has a pixel within one grey level on both sides
-        cannot be the embedder's region). For every threshold the sums over {luma > t} are one
-        matmul, and a pair's region sums are the difference of its two thresholds' sums. Each pair
-        is scored on the N_PROJ residues (sum of cosines: the same null law as the main mark's).
+        ``lo`` and ``hi``, for colour images: each pixel's smallest and largest channel (``region``).
+        Only thresholds inside an empty run of values are tried (a marked image's two gaps always
+        hold one; a threshold with a pixel within one grey level on both sides cannot be the
+        embedder's region). Each pair is scored on the N_PROJ residues (sum of cosines: the same
+        null law as the main mark's).
         """
         n, h, w = luma.shape
         n_proj = len(self.proj)
@@ -292,26 +297,22 @@ class ObjectMark:
         phi, pv, pu = _basis(h, w)
         t = np.array(sorted({v for pair in HYPOTHESES for v in pair}), np.float32)
         index = {float(v): i for i, v in enumerate(t)}
-        pairs = np.array([[index[lo], index[hi]] for lo, hi in HYPOTHESES])
-        flat = luma.reshape(n, h * w).astype(np.float32)
+        pairs = np.array([[index[low], index[high]] for low, high in HYPOTHESES])
+        flat = [a.reshape(n, h * w).astype(np.float32) for a in (luma, luma if lo is None else lo, luma if hi is None else hi)]
+
+        def empty(v: np.ndarray) -> np.ndarray:                 # (m, HW) -> (m, T): t has an empty side
+            v, tt = v[:, None, :], t[None, :, None]
+            return ~((v > tt - 1) & (v <= tt)).any(axis=2) | ~((v >= tt) & (v < tt + 1)).any(axis=2)
 
         def chunk(sl: slice) -> None:
-            x = flat[sl, None, :]                                             # (m, 1, HW)
-            tt = t[None, :, None]
-            above = x > tt                                                            # (m, T, HW)
-            empty = ~((x > tt - 1) & ~above).any(axis=2) | ~((x >= tt) & (x < tt + 1)).any(axis=2)
-            img, pair = np.nonzero(empty[:, pairs[:, 0]] & empty[:, pairs[:, 1]])
+            x, a, b = (v[sl] for v in flat)
+            e_lo = empty(a)
+            e_hi = e_lo if lo is None else empty(b)
+            img, pair = np.nonzero(e_lo[:, pairs[:, 0]] & e_hi[:, pairs[:, 1]])
             if not len(img):
                 return
-            used = np.unique(pairs[pair])
-            a = above[:, used].astype(np.float32)                                     # (m, U, HW)
-            xa = a * x
-            m, u = a.shape[:2]
-            sums = [_tables(a.reshape(-1, h, w), pv, pu).reshape(m, u, -1), (xa.reshape(-1, h * w) @ phi.T).reshape(m, u, -1),
-                    (xa * x).sum(axis=2)]
-            lo, hi = np.searchsorted(used, pairs[pair, 0]), np.searchsorted(used, pairs[pair, 1])
-            tables, inner, sumsq = ((v[img, lo] - v[img, hi]).astype(np.float64) for v in sums)
-            coords, ok = _coordinates(_gram(tables), inner, sumsq)
+            masks = region(a[img], b[img], t[pairs[pair, 0], None], t[pairs[pair, 1], None])   # (B, HW)
+            coords, ok = _coordinates(_gram(_tables(masks.reshape(-1, h, w), pv, pu)), *_luma_sums(x[img], masks, phi))
             cos = np.cos(2.0 * np.pi * (self._z(coords) - self.offset))
             score = np.where(ok, cos.sum(axis=1), -n_proj)
             top = np.full(len(x), -np.inf)

@@ -489,16 +489,17 @@ class Watermarker:
     def _cap_distortion(self, host: np.ndarray, marked: np.ndarray) -> np.ndarray:
         """Scale each image's change down until its PSNR is at least ``min_psnr`` (after rounding)."""
         limit = 255.0 ** 2 * 10.0 ** (-self.min_psnr / 10.0)            # largest allowed MSE
-        change = marked - host
-        scale = np.ones(len(host), dtype=np.float32)
+        mse = np.mean((marked - host).reshape(len(host), -1) ** 2, axis=1)
+        rows = np.flatnonzero(mse > limit)                              # the few images over the floor
+        change, scale = marked[rows] - host[rows], np.ones(len(rows), dtype=np.float32)
         for _ in range(20):     # rounding keeps small changes whole, so shrink until the rounded image fits
-            mse = np.mean((marked - host).reshape(len(host), -1) ** 2, axis=1)
-            over = mse > limit
+            over = mse[rows] > limit
             if not over.any():
                 break
-            scale[over] *= np.sqrt(limit / mse[over]) * 0.98
+            scale[over] *= np.sqrt(limit / mse[rows[over]]) * 0.98
             k = scale[over].reshape((-1,) + (1,) * (host.ndim - 1))
-            marked[over] = np.clip(np.rint(host[over] + change[over] * k), 0.0, 255.0)
+            marked[rows[over]] = np.clip(np.rint(host[rows[over]] + change[over] * k), 0.0, 255.0)
+            mse[rows] = np.mean((marked[rows] - host[rows]).reshape(len(rows), -1) ** 2, axis=1)
         return marked
 
     # ------------------------------------------------------------------ detect
@@ -574,7 +575,7 @@ class Watermarker:
             # hypotheses keeps the p-value a bound. The object mark has no payload.
             left = np.flatnonzero(~detected)
             x, gray = _check_images(images[left])
-            s2, m2, h2 = self._object.best(x if gray else to_luma(x))
+            s2, m2, h2 = self._object.best(x) if gray else self._object.best(to_luma(x), x.min(axis=3), x.max(axis=3))
             p2 = np.minimum(1.0, null_p(s2, objectmark.N_PROJ) / self._object_weight)
             for i, q, m, s, k in zip(left, p2, m2, s2, h2):
                 if q < out[i].p_value:
