@@ -247,6 +247,7 @@ class ObjectMark:
             ceil = np.where(free, np.floor(FREE[1] - hi_), 0.0)
             free &= (floor < 0) & (ceil > 0)
             gram_p = _gram(_tables(free.reshape(-1, h, w), pv, pu))
+            qgq = np.matmul(np.matmul(qmat, gram_p), qmat.transpose(0, 2, 1))            # (n, N_PROJ, N_PROJ)
             count = np.maximum(mask.sum(axis=1, keepdims=True), 1)
             total = np.zeros_like(x)
             for p in range(passes):
@@ -262,7 +263,7 @@ class ObjectMark:
                 e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-6)
                 be = np.matmul(b, (e @ phi.T).astype(np.float64)[..., None])                 # (n, N_PROJ, 1)
                 normal = np.empty((len(x), n_proj + 1, n_proj + 1))
-                normal[:, :-1, :-1] = np.matmul(np.matmul(b, gram_p), b.transpose(0, 2, 1))
+                normal[:, :-1, :-1] = qgq / s_p[..., None] ** 2                              # b G_P b^T
                 normal[:, :-1, -1:], normal[:, -1:, :-1] = be, be.transpose(0, 2, 1)
                 normal[:, -1, -1] = (e * e).sum(axis=1, dtype=np.float64)
                 want = np.concatenate([(target - z) * STEP, np.zeros((len(x), 1))], axis=1)
