@@ -73,8 +73,9 @@ from edgegen.safety.keys import KEY_BYTES, key_fingerprint
 
 DEFAULT_THRESHOLD = 1e-6
 # The scheme's version: 2 added the gain floor, the gain hypotheses and distortion compensation,
-# 3 the object mark, 4 the object mark's gain normalisation and gaps (contrast changes). A detector
-# finds only marks of its own version (runs record it, so a resume never mixes two).
+# 3 the object mark, 4 the object mark's gain normalisation, gaps (contrast changes) and cosines
+# above the main band. A detector finds only marks of its own version (runs record it, so a
+# resume never mixes two).
 VERSION = 4
 # ITU-R BT.601 luma weights (as OpenCV's RGB2GRAY and JPEG's YCbCr).
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
