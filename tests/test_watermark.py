@@ -164,6 +164,9 @@ def test_gain_hypotheses_undo_a_contrast_change(wm):
     found = [float(d.hypothesis.split("=")[1]) for d in dets if d.detected and d.hypothesis.startswith("gain=")]
     assert len(found) >= 90 and 0.78 <= np.median(found) <= 0.9          # 0.8 x g / sqrt(0.8^2 g^2 + 20^2) ...
     assert all(d.payload == 9 for d in dets if d.detected)
+    # detect searches the gains only where the plain hypotheses miss; scores can be told the same
+    assert (wm.scores(attacked, searched=np.zeros(len(attacked), dtype=bool))[3] == 1).all()
+    assert not (wm.scores(attacked)[3] == 1).all()
     for w in (wm, Watermarker(KEY, gains=()), Watermarker(KEY, object_mark=False),
               Watermarker(KEY, offsets=(0.0,), blurs=(0.0,), highlight=None, noise_floor=False)):
         h = len(w.hypotheses)                                              # the budget shares add up to 1
