@@ -36,8 +36,8 @@ How it works (spread-transform dither modulation on a global low-frequency trans
   gain hypotheses (the projections divided by 1.01^k, 0.70..1.43: a contrast change; gains
   above 1 also after each darkening offset: a contrast increase clips dark pixels); the
   reported p-value is the best one divided by its share of the false-alarm budget (half for
-  the image as it is, a quarter for the attack inverses, a quarter for the gains, each
-  share split evenly: weighted Bonferroni), so it stays a true false-positive bound.
+  the image as it is, 0.225 each for the attack inverses and the gains, 0.05 for the object
+  mark, each share split evenly: weighted Bonferroni), so it stays a true false-positive bound.
 * Object mark. A darkening or a contrast increase clips a black background and the mark's part
   on it (a brightening, white highlights); a second, small mark on the object region
   (:mod:`edgegen.safety.objectmark`, 20 projections normalised by the region's own contrast,
