@@ -359,8 +359,8 @@ class Watermarker:
                                if o < 0 and b == 0 and not f]
         self._names = [f"offset={o:g},blur={b:g}" + (",floor" if f else "") for o, b, f in self.hypotheses]
         self._names += ["gain" if i == 0 else f"{self._names[i]},gain" for i, _ in self._families]
-        # The object mark (edgegen.safety.objectmark): 16 more key-derived projections, tried only on
-        # images the main mark did not find, one hypothesis per brightness change -27..27.
+        # The object mark (edgegen.safety.objectmark): N_PROJ more key-derived projections, tried only
+        # on images the main mark did not find, one hypothesis per pair of region thresholds.
         self._object = None
         if object_mark:
             k2 = objectmark.BAND * objectmark.BAND - 1
@@ -478,10 +478,8 @@ class Watermarker:
         if self.min_psnr is not None:
             x = self._cap_distortion(host, x)
         if self._object is not None:                           # integer changes on the object, luma only
-            if gray:
-                x += self._object.change(x)
-            else:
-                x += self._object.change(to_luma(x), x.min(axis=3), x.max(axis=3))[..., None]
+            change = self._object.change(*_object_channels(x, gray))
+            x += change if gray else change[..., None]
             np.clip(x, 0.0, 255.0, out=x)
             if self.min_psnr is not None:                      # the rare image the object mark took below
                 x = self._cap_distortion(host, x)
@@ -588,7 +586,7 @@ class Watermarker:
             # hypotheses keeps the p-value a bound. The object mark has no payload.
             left = np.flatnonzero(~detected)
             x, gray = _check_images(images[left])
-            s2, m2, h2 = self._object.best(x) if gray else self._object.best(to_luma(x), x.min(axis=3), x.max(axis=3))
+            s2, m2, h2 = self._object.best(*_object_channels(x, gray))
             p2 = np.minimum(1.0, null_p(s2, objectmark.N_PROJ) / self._object_weight)
             for i, q, m, s, k in zip(left, p2, m2, s2, h2):
                 if q < out[i].p_value:
@@ -596,6 +594,12 @@ class Watermarker:
                     out[i] = Detection(bool(q <= self.threshold), float(q), None, int(m), objectmark.N_PROJ,
                                        float(s), f"object,low={low:g},high={high:g}")
         return out
+
+
+def _object_channels(x: np.ndarray, gray: bool) -> tuple[np.ndarray, ...]:
+    """The object mark's inputs for a float batch: the luma, and for colour each pixel's smallest
+    and largest channel (``objectmark.region``)."""
+    return (x,) if gray else (to_luma(x), x.min(axis=3), x.max(axis=3))
 
 
 def _check_images(images: np.ndarray) -> tuple[np.ndarray, bool]:
