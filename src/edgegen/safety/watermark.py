@@ -518,7 +518,14 @@ class Watermarker:
         smaller share of the budget, which never wins). Exposed for benchmarks and tests.
         """
         x, gray = _check_images(images)
-        luma = x if gray else to_luma(x)
+        z = self._plain_z(x if gray else to_luma(x))
+        zg, gain = self._gain_search(z, np.arange(len(z)) if searched is None else np.flatnonzero(searched))
+        z = np.concatenate([z, zg], axis=1)
+        score, match = self._sync(z)
+        return score, match, z, np.concatenate([np.ones(z.shape[:1] + (len(self.hypotheses),), np.float32), gain], 1)
+
+    def _plain_z(self, luma: np.ndarray) -> np.ndarray:
+        """Lattice coordinates (N, H, K) of luma (N, h, w) under each plain hypothesis (:meth:`scores`)."""
         n, h, w = luma.shape
         pad = np.pad(luma, ((0, 0), (1, 1), (1, 1)), mode="edge")
         rows = pad[:, :-2] + pad[:, 1:-1] + pad[:, 2:]                         # (N, H, W + 2)
@@ -537,19 +544,24 @@ class Watermarker:
                 c = c - floor[:, None] * c_dark
             coef[:, i] = c / resp.reshape(-1)[1:].astype(np.float32)
         z, _ = self._normalised(coef.reshape(-1, k))
-        z = z.reshape(n, len(self.hypotheses), k)
-        gain = np.ones((n, len(self.hypotheses) + len(self._families)), dtype=np.float32)
-        rows = np.arange(n) if searched is None else np.flatnonzero(searched)
+        return z.reshape(n, len(self.hypotheses), k)
+
+    def _gain_search(self, z: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The gain families' columns from the plain ``z`` (N, H, K): z (N, F, K) divided by each
+        image's best gain in the family, and those gains (N, F); images outside ``rows`` keep gain 1."""
+        gain = np.ones((len(z), len(self._families)), dtype=np.float32)
         for i, (base, members) in enumerate(self._families):      # each family's best member per image
             zs, best = z[rows, base, : self.n_sync], np.full(len(rows), -np.inf, dtype=np.float32)
-            col = len(self.hypotheses) + i
             for g in members.astype(np.float32):
                 s = np.cos(np.float32(2.0 * np.pi) * (zs / g - self._sync_offset)).sum(axis=1)
                 better = s > best
-                best[better], gain[rows[better], col] = s[better], g
-        z = np.concatenate([z, z[:, [b for b, _ in self._families]] / gain[:, len(self.hypotheses):, None]], axis=1)
+                best[better], gain[rows[better], i] = s[better], g
+        return z[:, [b for b, _ in self._families]] / gain[:, :, None], gain
+
+    def _sync(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sync score S and hard-matching sync bits (N, H') of lattice coordinates z (N, H', K)."""
         cos = np.cos(np.float32(2.0 * np.pi) * (z[:, :, : self.n_sync] - self._sync_offset))
-        return cos.sum(axis=2, dtype=np.float64), (cos > 0).sum(axis=2), z, gain
+        return cos.sum(axis=2, dtype=np.float64), (cos > 0).sum(axis=2)
 
     def detect(self, images: np.ndarray) -> list[Detection]:
         """Detect the mark in each image of (N, H, W[, C]) uint8; one :class:`Detection` per image.
@@ -562,13 +574,16 @@ class Watermarker:
         searched only for images the others miss: the p-value then is the best over a subset of
         the declared hypotheses, still a bound.
         """
-        score, match, z, gain = self.scores(images, searched=np.zeros(len(images), dtype=bool))
+        x, gray = _check_images(images)
+        luma = x if gray else to_luma(x)
+        z = self._plain_z(luma)
+        score, match = self._sync(z)
         plain = len(self.hypotheses)
-        if self._families:
-            p_plain = null_p(score[:, :plain], self.n_sync) / self._weights[None, :plain]
-            miss = np.flatnonzero(p_plain.min(axis=1) > self.threshold)
-            if len(miss):
-                score[miss], match[miss], z[miss], gain[miss] = self.scores(images[miss])
+        miss = np.flatnonzero((null_p(score, self.n_sync) / self._weights[None, :plain]).min(axis=1) > self.threshold)
+        zg, g = self._gain_search(z, miss)
+        sg, mg = self._sync(zg)
+        z, score, match = np.concatenate([z, zg], 1), np.concatenate([score, sg], 1), np.concatenate([match, mg], 1)
+        gain = np.concatenate([np.ones((len(z), plain), np.float32), g], 1)
         p = np.minimum(1.0, null_p(score, self.n_sync) / self._weights[None, :])     # (N, H')
         best = np.argmin(p - 1e-300 * score, axis=1)                     # ties (p = 1) -> highest score
         rows = np.arange(len(score))
@@ -577,7 +592,7 @@ class Watermarker:
         payload = np.zeros(len(rows), dtype=np.int64)
         if detected.any():
             payload[detected] = self._decode(z[rows[detected], best[detected]])
-        names = [self._names[b] + (f"={g:.3f}" if b >= len(self.hypotheses) else "")
+        names = [self._names[b] + (f"={g:.3f}" if b >= plain else "")
                  for b, g in zip(best, gain[rows, best])]
         out = [Detection(bool(d), float(q), int(pl) if d else None, int(m), self.n_sync, float(s), name)
                for d, q, pl, m, s, name in zip(detected, pv, payload, match[rows, best], score[rows, best], names)]
@@ -585,8 +600,7 @@ class Watermarker:
             # Only images the main mark missed: reporting the best of a subset of the declared
             # hypotheses keeps the p-value a bound. The object mark has no payload.
             left = np.flatnonzero(~detected)
-            x, gray = _check_images(images[left])
-            s2, m2, h2 = self._object.best(*_object_channels(x, gray))
+            s2, m2, h2 = self._object.best(*_object_channels(x[left], gray, luma[left]))
             p2 = np.minimum(1.0, null_p(s2, objectmark.N_PROJ) / self._object_weight)
             for i, q, m, s, k in zip(left, p2, m2, s2, h2):
                 if q < out[i].p_value:
@@ -596,10 +610,12 @@ class Watermarker:
         return out
 
 
-def _object_channels(x: np.ndarray, gray: bool) -> tuple[np.ndarray, ...]:
-    """The object mark's inputs for a float batch: the luma, and for colour each pixel's smallest
-    and largest channel (``objectmark.region``)."""
-    return (x,) if gray else (to_luma(x), x.min(axis=3), x.max(axis=3))
+def _object_channels(x: np.ndarray, gray: bool, luma: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """The object mark's inputs for a float batch: the luma (``luma`` when already computed), and for
+    colour each pixel's smallest and largest channel (``objectmark.region``)."""
+    if gray:
+        return (x,)
+    return (to_luma(x) if luma is None else luma, x.min(axis=3), x.max(axis=3))
 
 
 def _check_images(images: np.ndarray) -> tuple[np.ndarray, bool]:
