@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgegen.export import export_run, onnx_io, ptq
+from edgegen.export import export_run, layout, onnx_io, ptq
 from edgegen.export.quantize import CALIB_N, CALIB_SEED, qdq_int8
 
 from test_export import make_gan_run
@@ -41,9 +41,10 @@ def test_boundaries_find_every_relu_chain(fp32):
     model, *_ = fp32
     chains = ptq.boundaries(model)
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    # Linear -> conv0, conv0 -> conv1, ..., last hidden conv -> output conv (no ReLU after that one).
-    assert [p.op_type for p, _, _ in chains] == ["Gemm"] + ["Conv"] * (len(convs) - 1)
-    assert [c.name for _, _, c in chains] == convs
+    # Linear -> conv0, conv0 -> conv1, ..., last hidden conv -> the output layer's tap conv, through
+    # its Unsqueeze (edgegen.export.layout); the summing conv after the taps has no ReLU before it.
+    assert [p.op_type for p, _, _ in chains] == ["Gemm"] + ["Conv"] * (len(convs) - 2)
+    assert [c.name for _, _, c in chains] == convs[:-1]
 
 
 def test_equalize_keeps_the_function_and_fills_every_channel(fp32):
@@ -78,8 +79,8 @@ def test_gptq_beats_nearest_rounding_on_correlated_inputs():
 
 def test_refined_int8_is_on_onnxruntime_grid_and_unbiased(fp32):
     model, meta, z = fp32
-    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    q = qdq_int8(model, meta, z, None, convs[-1:])
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 2]   # with a bias
+    q = qdq_int8(model, meta, z, None, layout.output_layer(model))
     reference = ptq.equalize(model, meta, z, None)
     ref_out = {n.name: n.output[0] for n in reference.graph.node if n.op_type == "Conv"}
     q_out = {n.name: n.output[0] for n in q.graph.node if n.op_type == "Conv"}

@@ -15,7 +15,7 @@ import pytest
 
 from edgegen.errors import EdgegenError
 from edgegen.export import export_run, quantize_model
-from edgegen.export import onnx_io
+from edgegen.export import layout, onnx_io
 from edgegen.modelmeta import ModelMeta
 
 from test_export import make_gan_run, make_vae_run
@@ -51,46 +51,25 @@ def test_int8_op_counts(fp32, int8):
     # Portable: the file holds standard ai.onnx ops only (QDQ), no com.microsoft contrib ops.
     assert {n.domain for n in q.graph.node} <= {"", "ai.onnx"}
     assert file_ops["QuantizeLinear"] >= n_conv and file_ops["DequantizeLinear"] >= n_conv
-    # What onnxruntime runs: every conv but the float output conv is a QLinearConv; the Linear is a
-    # float Gemm (weight-only int8: its int8 weights are turned into float once, at session start).
+    # What onnxruntime runs: every conv but the float output layer (the export split it into a tap
+    # conv and a summing conv, edgegen.export.layout) is a QLinearConv; the Linear is a float Gemm
+    # (weight-only int8: its int8 weights are turned into float once, at session start).
+    out_layer = layout.output_layer(src)
+    assert out_layer == [n.name for n in src.graph.node if n.op_type == "Conv"][-2:]
+    assert meta.extra["gates"]["float_nodes"] == out_layer
     rt = onnx_io.runtime_op_counts(q)
-    assert rt.get("QLinearConv", 0) + rt.get("com.microsoft.QLinearConv", 0) == n_conv - 1
+    assert rt.get("QLinearConv", 0) + rt.get("com.microsoft.QLinearConv", 0) == n_conv - 2
     assert "com.microsoft.QGemm" not in rt and rt.get("Gemm", 0) + rt.get("com.microsoft.FusedGemm", 0) == 1
-    # The float output conv runs as a 1x1 conv to one map per tap plus a fixed conv adding them (split_taps).
-    float_convs = sum(v for k, v in rt.items() if k.split(".")[-1] == "Conv")
-    assert float_convs == 2 and "EyeLike" not in rt                       # its fixed kernel folded at load
-    last_conv = [n.name for n in src.graph.node if n.op_type == "Conv"][-1]
-    assert meta.extra["gates"]["float_nodes"] == [last_conv]
+    # The float output layer runs as two plain 3-D convs: no blocked (NCHWc) conv, no layout reorders,
+    # and its fixed summing kernel is folded at load.
+    assert rt.get("Conv", 0) == 2 and "EyeLike" not in rt
+    assert not [k for k in rt if "nchwc" in k or "Reorder" in k]
     # One Q after the Linear and one DQ before the float tail: no dequantize-float-quantize in between,
     # and no weight dequantized per run.
     assert rt.get("QuantizeLinear", 0) == 1 and rt.get("DequantizeLinear", 0) == 1
     assert meta.extra["gates"]["runtime_ops"] == rt
     # Every large weight is stored in 8 bits (the float output conv is tiny).
     assert not [t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1000]
-
-
-def test_split_taps_keeps_the_function():
-    from onnx import helper, numpy_helper
-
-    from edgegen.export.quantize import split_taps
-
-    rng = np.random.default_rng(0)
-    for out_channels in (1, 3):
-        w = rng.standard_normal((out_channels, 5, 3, 3)).astype(np.float32)
-        b = rng.standard_normal(out_channels).astype(np.float32)
-        graph = helper.make_graph(
-            [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="out", pads=[1, 1, 1, 1], kernel_shape=[3, 3])], "g",
-            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 5, 6, 7])],
-            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", out_channels, 6, 7])],
-            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        split = split_taps(onnx.ModelProto.FromString(model.SerializeToString()), ["out"])
-        onnx.checker.check_model(split, full_check=True)
-        assert [n.op_type for n in split.graph.node].count("Conv") == 2 and "w" not in {t.name for t in split.graph.initializer}
-        x = rng.standard_normal((2, 5, 6, 7)).astype(np.float32)
-        run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-        np.testing.assert_allclose(run(split), run(model), atol=1e-5)
-    assert split_taps(model, ["other"]).graph.node[0].op_type == "Conv" and len(split_taps(model, ["other"]).graph.node) == 1
 
 
 def test_gemm_bias_becomes_an_int8_weight_column(fp32, int8):

@@ -33,18 +33,21 @@ from onnx import numpy_helper
 from edgegen.export import onnx_io
 from edgegen.modelmeta import ModelMeta
 
-_PASS_THROUGH = ("Reshape", "Resize")    # per-channel linear: commute with a channel's positive scale
+# Per-channel linear: commute with a channel's positive scale (Unsqueeze: the output layer's 3-D view,
+# :mod:`edgegen.export.layout`, which adds an axis after the channels).
+_PASS_THROUGH = ("Reshape", "Resize", "Unsqueeze")
 
 
 def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.NodeProto]]:
-    """``[(producer, relu_output, consumer)]``: Gemm/Conv -> Relu -> (Reshape | Resize)* -> Conv chains.
+    """``[(producer, relu_output, consumer)]``: Gemm/Conv -> Relu -> (Reshape | Resize | Unsqueeze)* -> Conv chains.
 
     Only chains whose producer has an initializer weight and bias, whose consumer is an ungrouped
     Conv with an initializer weight, and whose tensors have no other reader: there a per-channel
     scale can move from one layer to the next without changing the function.
     """
     g = model.graph
-    inits = {t.name for t in g.initializer}
+    consts = {t.name: t for t in g.initializer}
+    inits = set(consts)
     users = defaultdict(list)
     for n in g.node:
         for x in n.input:
@@ -60,7 +63,7 @@ def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.N
         if len(nxt) != 1 or nxt[0].op_type != "Relu":
             continue
         relu = t = nxt[0].output[0]
-        while len(users[t]) == 1 and users[t][0].op_type in _PASS_THROUGH:
+        while len(users[t]) == 1 and _passes_channels(users[t][0], consts):
             t = users[t][0].output[0]
         c = users[t]
         if (len(c) == 1 and c[0].op_type == "Conv" and c[0].input[0] == t and c[0].input[1] in inits
@@ -69,10 +72,20 @@ def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.N
     return found
 
 
+def _passes_channels(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> bool:
+    """Whether ``node`` keeps channel c at axis 1 as a function of channel c alone (a pass-through op;
+    an Unsqueeze only when its axes come after the channels)."""
+    if node.op_type != "Unsqueeze":
+        return node.op_type in _PASS_THROUGH
+    return (len(node.input) > 1 and node.input[1] in consts
+            and bool((numpy_helper.to_array(consts[node.input[1]]) >= 2).all()))
+
+
 def is_plain_conv(node: onnx.NodeProto) -> bool:
-    """Whether ``node`` is a Conv with stride 1, no dilation and one group (every conv of our generators)."""
+    """Whether ``node`` is a 2-D Conv with stride 1, no dilation and one group (every conv of our
+    generators but the output layer's 3-D ones, :mod:`edgegen.export.layout`)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return (node.op_type == "Conv" and attrs.get("group", 1) == 1
+    return (node.op_type == "Conv" and attrs.get("group", 1) == 1 and len(attrs.get("kernel_shape", [3, 3])) == 2
             and all(v == 1 for v in (*attrs.get("strides", []), *attrs.get("dilations", []))))
 
 
@@ -127,7 +140,7 @@ def equalize(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
         per_row = np.repeat(s, wp.shape[0] // len(s))            # Gemm rows c*hw .. (c+1)*hw - 1 are channel c
         arrays[p.input[1]] = wp / per_row.reshape((-1,) + (1,) * (wp.ndim - 1))
         arrays[p.input[2]] = bp / per_row
-        arrays[c.input[1]] = wc * s[None, :, None, None]         # a Conv is consumer here, producer next
+        arrays[c.input[1]] = wc * s.reshape((1, -1) + (1,) * (wc.ndim - 2))   # consumer here, producer next
     for name, arr in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(arr.astype(np.float32), name))
     return out

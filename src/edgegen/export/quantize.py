@@ -16,11 +16,12 @@ int8 -- format and float islands chosen by measurement on this CPU (see docs/ben
     equalization (below) makes its rows' magnitudes differ by channel. Its bias (the folded
     BatchNorm of 3,072 outputs) is one more weight column fed by an exact constant input column
     (:func:`bias_as_input_column`), so it is stored in int8 too.
-  * The output conv (width -> C channels, 0.5 % of the multiply-adds) stays float (its weights
-    stored in float16): int8 there costs the most pixel accuracy (it feeds tanh and rounding
-    directly) and buys no speed (C = 1 or 3 output channels do not fill an int8 kernel). It is
-    split into a 1x1 conv per tap and a fixed conv that adds them (:func:`split_taps`), which
-    onnxruntime runs faster. Tanh and the pixel arithmetic stay float.
+  * The output layer (the convs after the last ReLU: width -> C channels, 0.5 % of the
+    multiply-adds) stays float (its weights stored in float16): int8 there costs the most pixel
+    accuracy (it feeds tanh and rounding directly) and buys no speed (C = 1 or 3 output channels
+    do not fill an int8 kernel). The export has already split it into taps and a fixed summing
+    conv, run as 3-D convs (:mod:`edgegen.export.layout`); an older fp32 file's plain output conv
+    is split here. Tanh and the pixel arithmetic stay float.
   * Refinements (:mod:`edgegen.export.ptq`): cross-layer equalization of the channel ranges before
     quantizing, GPTQ rounding of the conv weights and bias correction after. Measured on the
     shipped models, pixels within 2/255 of fp32 (median PSNR): GAN 93.0 -> 97.2 % (46.3 -> 49.8 dB),
@@ -61,7 +62,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgegen.errors import EdgegenError
-from edgegen.export import gates, onnx_io, ptq
+from edgegen.export import gates, layout, onnx_io, ptq
 from edgegen.fileio import write_bytes_atomic
 from edgegen.modelmeta import ModelMeta
 
@@ -182,7 +183,7 @@ def _int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray | None,
     if meta.conditional and labels is None:
         raise EdgegenError("conditional model: calibration needs labels")
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    float_nodes = [convs[-1].name] if convs else []                     # the output conv stays float
+    float_nodes = layout.output_layer(model)                            # the output conv(s) stay float
     qmodel = qdq_int8(model, meta, z, labels, float_nodes)
 
     # Prove the convolutions run as int8 kernels: count the ops onnxruntime executes after fusion.
@@ -239,7 +240,7 @@ def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
     onnx_io.strip_debug_info(qmodel)
     int8_linear = {n.input[1]: groups.get(n.input[1], 1) for n in linear if n.name not in float_nodes}
     qmodel = _int8_weights(qmodel, int8_linear)
-    qmodel = split_taps(qmodel, float_nodes)
+    qmodel = layout.split_output_conv(qmodel, float_nodes)             # fp32 files edgegen wrote before it split
     # The float convs' weights (the only Conv weights still initializers) and the Gemm scales are
     # stored in float16; their arithmetic stays float32.
     stored = {t.name for t in qmodel.graph.initializer}
@@ -305,46 +306,6 @@ def _int8_weights(model: onnx.ModelProto, groups: dict[str, int]) -> onnx.ModelP
     del g.node[:]
     g.node.extend(nodes)
     return model
-
-
-def split_taps(model: onnx.ModelProto, names: list[str], max_maps: int = 32) -> onnx.ModelProto:
-    """``model`` with each float Conv of ``names`` that has few outputs split into two convs, same function.
-
-    A Conv C -> O with a kh x kw kernel (stride 1, O * kh * kw <= ``max_maps``: the output conv)
-    becomes a 1x1 Conv C -> O * kh * kw, one map per output and tap, named ``<name>_taps``, and a
-    fixed kh x kw Conv that adds each output's tap maps, shifted, plus the bias (it keeps the name).
-    onnxruntime's NCHWc kernel pads a conv's outputs to blocks of 16 channels, so a 1-output 3x3
-    conv costs as much as a 16-output one, while the 1x1 conv is a plain GEMM: measured on the
-    default GAN's int8 model, 1.08x faster at batch 64 and 1.02-1.04x at batch 1 (medians of 25
-    alternating rounds, two runs). The fixed kernel is built in-graph from ``EyeLike`` (folded at load).
-    """
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    h = onnx.helper
-    nodes, split = [], set()
-    for n in g.node:
-        attrs = {a.name: h.get_attribute_value(a) for a in n.attribute}
-        w = numpy_helper.to_array(inits[n.input[1]]) if ptq.is_plain_conv(n) and n.input[1] in inits else None
-        if w is None or n.name not in names or w.ndim != 4 or w.shape[0] * w.shape[2] * w.shape[3] > max_maps:
-            nodes.append(n)
-            continue
-        o, c, kh, kw = w.shape
-        t, name = o * kh * kw, n.name + "_taps"
-        split.add(n.input[1])
-        g.initializer.extend([
-            numpy_helper.from_array(np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(t, c, 1, 1), name + "_w"),
-            numpy_helper.from_array(np.array([t, t], np.int64), name + "_tt"),
-            numpy_helper.from_array(np.array([o, kh, kw, t], np.int64), name + "_okkt")])
-        nodes += [h.make_node("Conv", [n.input[0], name + "_w"], [name], name=name),         # (N, O*kh*kw, H, W)
-                  h.make_node("ConstantOfShape", [name + "_tt"], [name + "_zero"]),
-                  h.make_node("EyeLike", [name + "_zero"], [name + "_eye"]),                 # (T, T) identity
-                  h.make_node("Reshape", [name + "_eye", name + "_okkt"], [name + "_oijt"]),
-                  h.make_node("Transpose", [name + "_oijt"], [name + "_sum"], perm=[0, 3, 1, 2]),   # (O, T, kh, kw)
-                  h.make_node("Conv", [name, name + "_sum", *n.input[2:]], list(n.output), name=n.name,
-                              **{k: v for k, v in attrs.items() if k in ("pads", "kernel_shape", "auto_pad")})]
-    del g.node[:]
-    g.node.extend(nodes)
-    return _remove_unused(model, split)
 
 
 # quantize_static's name suffixes -> short ones ("relu_1_QuantizeLinear_Output" -> "relu_1_q"), and the
