@@ -32,6 +32,7 @@ THREADS = 2
 GHZ, CORES = 2.1, 2          # lscpu: 2 vCPUs at 2.1 GHz (AVX-512 VNNI, AMX-int8)
 VNNI_MACS_CYCLE = 128        # vpdpbusd: 64 u8*s8 MACs per instruction, 2 FMA ports
 AMX_MACS_CYCLE = 1024        # TMUL: 16x64 by 64x16 int8 tile product, 16 cycles -> 1024 MACs/cycle
+FP32_MACS_CYCLE = 32         # 2 AVX-512 FMA ports x 16 float lanes
 
 
 def build(work: Path, upsample: str = "nearest"):
@@ -292,6 +293,7 @@ def section(r: dict) -> str:
     peak_vnni = GHZ * 1e9 * CORES * VNNI_MACS_CYCLE
     peak_amx = GHZ * 1e9 * CORES * AMX_MACS_CYCLE
     achieved = r["int8_b64"] * r["macs_per_image"]
+    peak_fp32, fp32_b1 = GHZ * 1e9 * CORES * FP32_MACS_CYCLE, r["fp32_b1"] * r["macs_per_image"]
     s, g = r["sizes"], r["gates_int8"]
     eager = (f"PyTorch eager: 2 threads {r['torch2_b1']:,.0f} / {r['torch2_b64']:,.0f} img/s, 1 thread "
              f"{r['torch1_b1']:,.0f} / {r['torch1_b64']:,.0f} (batch 1 / 64); the table uses the better of the two.")
@@ -319,7 +321,9 @@ def section(r: dict) -> str:
         f"{ratio(r, 1, 'int8/eager')} at batch 1 (target >= 6x), {ratio(r, 64, 'int8/eager')} at batch 64 (target >= 3x).",
         f"- int8 achieved {achieved / 1e9:.0f} G multiply-adds/s at batch 64: {100 * achieved / peak_vnni:.1f} % of the "
         f"AVX-512 VNNI peak ({peak_vnni / 1e9:.0f} G/s = {CORES} cores x {GHZ} GHz x {VNNI_MACS_CYCLE}) and "
-        f"{100 * achieved / peak_amx:.1f} % of the AMX-int8 peak ({peak_amx / 1e12:.1f} T/s).",
+        f"{100 * achieved / peak_amx:.1f} % of the AMX-int8 peak ({peak_amx / 1e12:.1f} T/s). fp32 onnxruntime achieved "
+        f"{fp32_b1 / 1e9:.0f} G multiply-adds/s at batch 1, {100 * fp32_b1 / peak_fp32:.0f} % of the AVX-512 fp32 peak "
+        f"({peak_fp32 / 1e9:.0f} G/s = {CORES} cores x {GHZ} GHz x {FP32_MACS_CYCLE}).",
         f"- Cold start (import onnxruntime + numpy, open the int8 session, first image; no torch in the process): "
         f"{r['cold_inner_s']:.3f} s in-process, {r['cold_process_s']:.3f} s including interpreter start (target <= 0.5 s).",
         f"- Sizes: fp32 {s['fp32'] / 1e3:,.0f} kB, int8 {s['int8'] / 1e3:,.0f} kB ({s['fp32'] / s['int8']:.2f}x smaller, "
