@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgegen.export import ptq
+from edgegen.export import onnx_io, ptq
 
 MAX_MAPS = 32     # O * kh * kw: the output conv of a gray (9) or RGB (27) generator, nothing wider
 
@@ -73,11 +73,7 @@ def split_output_conv(model: onnx.ModelProto, names: list[str] | None = None) ->
             h.make_node("Squeeze", [name + "_y", name + "_axis"], list(n.output), name=name + "_y4")]
     del g.node[:]
     g.node.extend(nodes)
-    used = {x for n in g.node for x in n.input}
-    keep = [t for t in g.initializer if t.name not in split or t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return model
+    return onnx_io.remove_unused(model, split)
 
 
 def output_layer(model: onnx.ModelProto) -> list[str]:

@@ -117,6 +117,15 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def remove_unused(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """``model`` without the initializers ``names`` that no node reads any more."""
+    used = {x for n in model.graph.node for x in n.input}
+    keep = [t for t in model.graph.initializer if t.name not in names or t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
 def write_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
     """Serialise ``model`` and write it atomically to ``path``; returns the size in bytes."""
     data = model.SerializeToString()

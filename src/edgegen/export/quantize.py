@@ -266,16 +266,7 @@ def _drop_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
             if zp.dtype in (np.int8, np.int32) and not zp.any():
                 dropped.add(n.input[2])
                 del n.input[2]
-    return _remove_unused(model, dropped)
-
-
-def _remove_unused(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """``model`` without the initializers ``names`` that no node reads any more."""
-    used = {x for n in model.graph.node for x in n.input}
-    keep = [t for t in model.graph.initializer if t.name not in names or t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    return model
+    return onnx_io.remove_unused(model, dropped)
 
 
 def _int8_weights(model: onnx.ModelProto, groups: dict[str, int]) -> onnx.ModelProto:
@@ -376,7 +367,7 @@ def bias_as_input_column(model: onnx.ModelProto) -> onnx.ModelProto:
         folded.add(node.input[2])
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    return _remove_unused(m, folded)
+    return onnx_io.remove_unused(m, folded)
 
 
 # ----------------------------------------------------------------------------- fp16
