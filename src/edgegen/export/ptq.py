@@ -47,14 +47,13 @@ def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.N
     """
     g = model.graph
     consts = {t.name: t for t in g.initializer}
-    inits = set(consts)
     users = defaultdict(list)
     for n in g.node:
         for x in n.input:
             users[x].append(n)
     found = []
     for p in g.node:
-        if p.op_type not in ("Gemm", "Conv") or len(p.input) < 3 or not {p.input[1], p.input[2]} <= inits:
+        if p.op_type not in ("Gemm", "Conv") or len(p.input) < 3 or not {p.input[1], p.input[2]} <= consts.keys():
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in p.attribute}
         if p.op_type == "Gemm" and (attrs.get("transA", 0) or not attrs.get("transB", 0)):
@@ -66,7 +65,7 @@ def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.N
         while len(users[t]) == 1 and _passes_channels(users[t][0], consts):
             t = users[t][0].output[0]
         c = users[t]
-        if (len(c) == 1 and c[0].op_type == "Conv" and c[0].input[0] == t and c[0].input[1] in inits
+        if (len(c) == 1 and c[0].op_type == "Conv" and c[0].input[0] == t and c[0].input[1] in consts
                 and all(a.name != "group" or a.i == 1 for a in c[0].attribute)):
             found.append((p, relu, c[0]))
     return found
