@@ -519,10 +519,9 @@ class Watermarker:
         """
         x, gray = _check_images(images)
         z = self._plain_z(x if gray else to_luma(x))
-        zg, gain = self._gain_search(z, np.arange(len(z)) if searched is None else np.flatnonzero(searched))
-        z = np.concatenate([z, zg], axis=1)
-        score, match = self._sync(z)
-        return score, match, z, np.concatenate([np.ones(z.shape[:1] + (len(self.hypotheses),), np.float32), gain], 1)
+        z, score, match, gain = self._with_gains(z, *self._sync(z),
+                                                 np.arange(len(z)) if searched is None else np.flatnonzero(searched))
+        return score, match, z, gain
 
     def _plain_z(self, luma: np.ndarray) -> np.ndarray:
         """Lattice coordinates (N, H, K) of luma (N, h, w) under each plain hypothesis (:meth:`scores`)."""
@@ -546,17 +545,23 @@ class Watermarker:
         z, _ = self._normalised(coef.reshape(-1, k))
         return z.reshape(n, len(self.hypotheses), k)
 
-    def _gain_search(self, z: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The gain families' columns from the plain ``z`` (N, H, K): z (N, F, K) divided by each
-        image's best gain in the family, and those gains (N, F); images outside ``rows`` keep gain 1."""
-        gain = np.ones((len(z), len(self._families)), dtype=np.float32)
+    def _with_gains(self, z: np.ndarray, score: np.ndarray, match: np.ndarray, rows: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The plain hypotheses' z (N, H, K), sync scores and matches (N, H) with the gain families'
+        columns appended (z divided by each image's best gain in the family), and the gains (N, H');
+        images outside ``rows`` keep gain 1 there."""
+        g = np.ones((len(z), len(self._families)), dtype=np.float32)
         for i, (base, members) in enumerate(self._families):      # each family's best member per image
             zs, best = z[rows, base, : self.n_sync], np.full(len(rows), -np.inf, dtype=np.float32)
-            for g in members.astype(np.float32):
-                s = np.cos(np.float32(2.0 * np.pi) * (zs / g - self._sync_offset)).sum(axis=1)
+            for m in members.astype(np.float32):
+                s = np.cos(np.float32(2.0 * np.pi) * (zs / m - self._sync_offset)).sum(axis=1)
                 better = s > best
-                best[better], gain[rows[better], i] = s[better], g
-        return z[:, [b for b, _ in self._families]] / gain[:, :, None], gain
+                best[better], g[rows[better], i] = s[better], m
+        zg = z[:, [b for b, _ in self._families]] / g[:, :, None]
+        sg, mg = self._sync(zg)
+        gain = np.concatenate([np.ones((len(z), len(self.hypotheses)), np.float32), g], axis=1)
+        return (np.concatenate([z, zg], axis=1), np.concatenate([score, sg], axis=1),
+                np.concatenate([match, mg], axis=1), gain)
 
     def _sync(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sync score S and hard-matching sync bits (N, H') of lattice coordinates z (N, H', K)."""
@@ -580,10 +585,7 @@ class Watermarker:
         score, match = self._sync(z)
         plain = len(self.hypotheses)
         miss = np.flatnonzero((null_p(score, self.n_sync) / self._weights[None, :plain]).min(axis=1) > self.threshold)
-        zg, g = self._gain_search(z, miss)
-        sg, mg = self._sync(zg)
-        z, score, match = np.concatenate([z, zg], 1), np.concatenate([score, sg], 1), np.concatenate([match, mg], 1)
-        gain = np.concatenate([np.ones((len(z), plain), np.float32), g], 1)
+        z, score, match, gain = self._with_gains(z, score, match, miss)
         p = np.minimum(1.0, null_p(score, self.n_sync) / self._weights[None, :])     # (N, H')
         best = np.argmin(p - 1e-300 * score, axis=1)                     # ties (p = 1) -> highest score
         rows = np.arange(len(score))
