@@ -68,6 +68,8 @@ _LOWS = np.arange(0.5, 57.0, 4.0)
 _HIGHS = np.arange(178.5, 255.0, 4.0)
 HYPOTHESES = [(float(lo), float(hi)) for lo in _LOWS for hi in _HIGHS
               if 0.95 <= (hi - lo) / (REGION[1] - REGION[0]) <= 1.3]
+_THRESHOLDS = np.array(sorted({v for pair in HYPOTHESES for v in pair}), np.float32)   # every threshold once
+_HYP_PAIRS = np.searchsorted(_THRESHOLDS, np.array(HYPOTHESES, np.float32))             # (H, 2) indices into it
 _K = BAND * BAND
 _PAIRS = np.triu_indices(BAND)         # the 21 products of two 1-D cosines
 _PAIR = np.zeros((BAND, BAND), np.int64)
@@ -224,11 +226,12 @@ class ObjectMark:
         phi, pv, pu = _basis(h, w)
         n_proj = len(self.proj)
         dither = np.random.default_rng(0).random((passes, h * w), dtype=np.float32)   # fixed rounding thresholds
+        grey_gaps = _gap_moves(*(np.arange(256, dtype=np.float32),) * 2)          # integer luma: a table
 
         def chunk(sl: slice) -> None:
             x = luma[sl].reshape(-1, h * w).astype(np.float32)
-            if grey:                                                      # integer luma: a table
-                gaps = _gap_moves(*(np.arange(256, dtype=np.float32),) * 2)[x.astype(np.uint8)]
+            if grey:
+                gaps = grey_gaps[x.astype(np.uint8)]
                 flat = [x, x, x]
             else:
                 flat = [x] + [a[sl].reshape(-1, h * w).astype(np.float32) for a in (lo, hi)]
@@ -303,9 +306,7 @@ class ObjectMark:
         if h * w > MAX_PIXELS:
             return best, match, best_h
         phi, pv, pu = _basis(h, w)
-        t = np.array(sorted({v for pair in HYPOTHESES for v in pair}), np.float32)
-        index = {float(v): i for i, v in enumerate(t)}
-        pairs = np.array([[index[low], index[high]] for low, high in HYPOTHESES])
+        t, pairs = _THRESHOLDS, _HYP_PAIRS
         flat = [a.reshape(n, h * w).astype(np.float32) for a in (luma, luma if lo is None else lo, luma if hi is None else hi)]
 
         def empty(v: np.ndarray) -> np.ndarray:                 # (m, HW) -> (m, T): t has an empty side
