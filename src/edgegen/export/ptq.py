@@ -33,9 +33,7 @@ from onnx import numpy_helper
 from edgegen.export import onnx_io
 from edgegen.modelmeta import ModelMeta
 
-# Per-channel linear: commute with a channel's positive scale (Unsqueeze: the output layer's 3-D view,
-# :mod:`edgegen.export.layout`, which adds an axis after the channels).
-_PASS_THROUGH = ("Reshape", "Resize", "Unsqueeze")
+_PASS_THROUGH = ("Reshape", "Resize")    # per-channel linear: commute with a channel's positive scale
 
 
 def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.NodeProto]]:
@@ -72,8 +70,9 @@ def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.N
 
 
 def _passes_channels(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> bool:
-    """Whether ``node`` keeps channel c at axis 1 as a function of channel c alone (a pass-through op;
-    an Unsqueeze only when its axes come after the channels)."""
+    """Whether ``node`` keeps channel c at axis 1 as a function of channel c alone: a pass-through op,
+    or an Unsqueeze whose axes come after the channels (the output layer's 3-D view,
+    :mod:`edgegen.export.layout`)."""
     if node.op_type != "Unsqueeze":
         return node.op_type in _PASS_THROUGH
     return (len(node.input) > 1 and node.input[1] in consts
