@@ -22,10 +22,12 @@ from edgegen.training.models.vae import VAE, VAEConfig
 CLASSES = [f"class{i}" for i in range(4)]
 
 
-def make_gan_run(root: Path, num_classes: int = 0, seed: int = 0, upsample: str = "nearest") -> tuple[Path, Generator]:
+def make_gan_run(root: Path, num_classes: int = 0, seed: int = 0, upsample: str = "nearest",
+                 act_clip: float = 0.0) -> tuple[Path, Generator]:
     """A run folder holding a tiny random generator with non-trivial BN statistics."""
     torch.manual_seed(seed)
-    cfg = GANConfig(image_size=32, width=8, latent_dim=16, num_classes=num_classes, upsample=upsample)
+    cfg = GANConfig(image_size=32, width=8, latent_dim=16, num_classes=num_classes, upsample=upsample,
+                    act_clip=act_clip)
     gen = Generator(cfg)
     with torch.no_grad():   # non-identity BN affine so folding is really exercised
         for m in gen.modules():
@@ -34,7 +36,7 @@ def make_gan_run(root: Path, num_classes: int = 0, seed: int = 0, upsample: str 
                 m.bias.uniform_(-0.2, 0.2)
     recompute_bn_stats(gen, batches=2, batch_size=64, seed=seed)
     gen.eval()
-    run = root / f"gan{num_classes}{upsample}"
+    run = root / f"gan{num_classes}{upsample}{act_clip or ''}"
     run.mkdir()
     data = {"name": "synthetic", "fingerprint": "fp-gan", "class_names": CLASSES[:num_classes] if num_classes else []}
     save_checkpoint(run / "last.pt", {"kind": "gan", "models": {"G_ema": gen.state_dict()},

@@ -59,3 +59,12 @@ def test_output_layer_is_the_convs_after_the_last_relu():
     model.graph.node.insert(0, relu)
     model.graph.input[0].name = "x0"
     assert layout.output_layer(model) == ["out_taps", "out"]
+
+
+def test_output_layer_skips_the_pixels_clip():
+    """A capped ReLU is a Clip, and so is the pixel clamp after the output conv: only the first counts."""
+    model = layout.split_output_conv(_conv_model(1, [1, 1, 1, 1]))
+    model.graph.node.insert(0, helper.make_node("Clip", ["x0"], ["x"], name="cap"))
+    model.graph.node.append(helper.make_node("Clip", [model.graph.output[0].name], ["pixels"], name="pixels"))
+    model.graph.input[0].name = "x0"
+    assert layout.output_layer(model) == ["out_taps", "out"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from edgegen.training.models import VAE, Discriminator, GANConfig, Generator, VAEConfig
-from edgegen.training.models.gan import recompute_bn_stats
+from edgegen.training.models.gan import activation, recompute_bn_stats
 
 
 @pytest.mark.parametrize("size,channels,classes,upsample",
@@ -38,6 +38,21 @@ def test_generator_is_int8_friendly():
     assert len(convs) == 4
     for block in g.blocks:
         assert block.conv.bias is None and isinstance(block.bn, nn.BatchNorm2d)
+
+
+def test_capped_activations():
+    """act_clip caps the generator's ReLUs; 0 leaves them plain."""
+    x = torch.linspace(-2, 2, 9)
+    assert torch.equal(activation(x, 0.0), x.relu())
+    assert torch.equal(activation(x, 0.5), x.relu().clamp(max=0.5))
+    torch.manual_seed(0)
+    plain = Generator(GANConfig(width=8, latent_dim=16)).eval()
+    capped = Generator(GANConfig(width=8, latent_dim=16, act_clip=0.5)).eval()
+    capped.load_state_dict(plain.state_dict())                     # same weights, only the cap differs
+    z = torch.randn(8, 16) * 3
+    assert not torch.equal(plain(z), capped(z))
+    with pytest.raises(ValueError, match="act_clip"):
+        GANConfig(act_clip=-1.0)
 
 
 def test_conditional_generator_needs_labels():

@@ -159,6 +159,28 @@ def test_fp16_is_close_and_half_size(fp32, tmp_path):
     assert np.abs(_run(fp32, z).astype(int) - _run(out, z).astype(int)).max() <= 1
 
 
+def test_capped_activations_are_the_int8_grid(tmp_path):
+    """A generator with capped ReLUs (act_clip) exports them as Clip(0, cap); int8 folds each Clip into
+    its QLinearConv's output range, so the uint8 grid of every capped activation spans [0, cap] exactly."""
+    cap = 0.5                                                        # small: the tiny random net saturates it
+    run, _ = make_gan_run(tmp_path, act_clip=cap)
+    export_run(run, tmp_path / "c.onnx")
+    src = onnx.load(tmp_path / "c.onnx")
+    convs = [n.name for n in src.graph.node if n.op_type == "Conv"]
+    assert sum(n.op_type == "Clip" for n in src.graph.node) == 5      # Linear + 3 up-blocks, and the pixels'
+    assert layout.output_layer(src) == convs[-2:]                    # not fooled by the pixels' Clip
+    meta = quantize_model(tmp_path / "c.onnx", tmp_path / "c8.onnx", force=True, speed_gate=False)
+    q = onnx.load(tmp_path / "c8.onnx")
+    rt = onnx_io.runtime_op_counts(q)
+    assert rt["QLinearConv"] == len(convs) - 2 and rt.get("Clip", 0) == 2   # the Linear's (float) and the pixels'
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    scales = [float(inits[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear"
+              and inits[n.input[2]].dtype == np.uint8]
+    assert len(scales) >= 4 and max(scales) <= cap / 255 * (1 + 1e-6)
+    assert np.isclose(scales, cap / 255, rtol=1e-6).sum() >= 3
+    assert meta.extra["gates"]["psnr_median_db"] >= 35.0
+
+
 def test_conditional_and_vae_decoder(tmp_path):
     run, _ = make_gan_run(tmp_path, num_classes=4)
     export_run(run, tmp_path / "c.onnx")

@@ -168,6 +168,7 @@ def test_mode_seeking_pairs_labels_and_spreads_samples(tmp_path):
     ("lr", float("nan"), "--lr must be a positive number, got nan"),
     ("beta", -0.5, "--beta must be zero or a positive number, got -0.5"),
     ("mode_seeking", float("inf"), "--mode-seeking must be zero or a positive number, got inf"),
+    ("act_clip", -1.0, "--act-clip must be zero or a positive number, got -1"),
     ("checkpoint_minutes", 0.0, "--checkpoint-minutes must be a positive number, got 0"),
     ("seed", -1, "--seed must be zero or positive, got -1"),
 ])

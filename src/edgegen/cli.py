@@ -39,7 +39,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, size=args.size, channels=args.channels, conditional=args.conditional,
         batch_size=args.batch_size, device=args.device, resume=args.resume, skip_bad=args.skip_bad,
         checkpoint_minutes=args.checkpoint_minutes, width=args.width, latent_dim=args.latent_dim,
-        lr=args.lr, beta=args.beta, mode_seeking=args.mode_seeking, upsample=args.upsample, progress=not args.quiet,
+        lr=args.lr, beta=args.beta, mode_seeking=args.mode_seeking, upsample=args.upsample,
+        act_clip=args.act_clip, progress=not args.quiet,
     )
     train(opts)
     return 0
@@ -320,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GAN: weight of the mode-seeking term (MSGAN) that keeps samples diverse "
                         "(default 0.2 with --conditional, where a GAN collapses without it; else 0)")
     p.add_argument("--upsample", choices=["nearest", "pixelshuffle"], default="nearest")
+    p.add_argument("--act-clip", type=float, default=0.0,
+                   help="GAN: cap the generator's ReLUs at this value, so int8 keeps more precision (0: no cap)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

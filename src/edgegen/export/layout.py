@@ -76,7 +76,9 @@ def split_output_conv(model: onnx.ModelProto, names: list[str] | None = None) ->
 
 
 def output_layer(model: onnx.ModelProto) -> list[str]:
-    """Names of the Convs after the graph's last Relu: the output layer, which stays float in int8."""
+    """Names of the Convs after the graph's last activation (Relu, or the Clip of a capped ReLU): the
+    output layer, which stays float in int8."""
     nodes = list(model.graph.node)
-    last = max((i for i, n in enumerate(nodes) if n.op_type == "Relu"), default=-1)
+    end = max((i for i, n in enumerate(nodes) if n.op_type == "Conv"), default=-1)    # pixels' Clip comes later
+    last = max((i for i, n in enumerate(nodes[:end]) if n.op_type in ("Relu", "Clip")), default=-1)
     return [n.name for n in nodes[last + 1:] if n.op_type == "Conv"]

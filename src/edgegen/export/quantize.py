@@ -73,7 +73,7 @@ from edgegen.modelmeta import ModelMeta
 INT8_PSNR_DB, INT8_WITHIN2, FCD_MAX_REL, FP16_PSNR_DB = 35.0, 0.99, 0.05, 60.0
 CALIB_N, CALIB_SEED, CALIB_BATCH = 512, 0, 64
 SPEED_BATCH = 64
-QUANT_OPS = ["Conv", "MatMul", "Relu", "Resize", "Reshape", "DepthToSpace"]   # Gemm: weight-only, below
+QUANT_OPS = ["Conv", "MatMul", "Relu", "Clip", "Resize", "Reshape", "DepthToSpace"]   # Gemm: weight-only, below
 
 
 def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, mode: str = "int8",

@@ -69,6 +69,7 @@ class TrainOptions:
     beta: float = 1.0
     mode_seeking: float | None = None  # GAN: mode-seeking weight (MSGAN); default 0.2 if conditional, else 0
     upsample: str = "nearest"
+    act_clip: float = 0.0              # GAN: cap of G's ReLUs (0: none); see models.gan.activation
     progress: bool = True
     quality_samples: int = 2000        # samples for the checkpoint-time FCD (best.pt selection)
     log_every: int = 50                # steps between metrics.jsonl lines
@@ -251,7 +252,7 @@ def check_options(opts: TrainOptions) -> None:
                           ("--checkpoint-minutes", opts.checkpoint_minutes)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise EdgegenError(f"{option} must be a positive number, got {value:g}")
-    for option, value in (("--beta", opts.beta), ("--mode-seeking", opts.mode_seeking)):
+    for option, value in (("--beta", opts.beta), ("--mode-seeking", opts.mode_seeking), ("--act-clip", opts.act_clip)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise EdgegenError(f"{option} must be zero or a positive number, got {value:g}")
     for option, value in (("--batch-size", opts.batch_size), ("--width", opts.width),
@@ -275,7 +276,7 @@ def _model_config(opts: TrainOptions, data: ImageDataset) -> dict:
     if opts.kind == "gan":
         d_width = {"d_width": opts.width} if opts.width else {}  # --width scales both networks
         return GANConfig(image_size=opts.size, channels=channels, num_classes=k, upsample=opts.upsample,
-                         **extra, **d_width).to_dict()
+                         act_clip=opts.act_clip, **extra, **d_width).to_dict()
     if opts.kind == "vae":
         return VAEConfig(image_size=opts.size, channels=channels, num_classes=k, upsample=opts.upsample,
                          beta=opts.beta, **extra).to_dict()

@@ -31,6 +31,7 @@ class GANConfig:
     num_classes: int = 0          # > 0: class-conditional (label embedding in G, projection in D)
     upsample: str = "nearest"     # "nearest" (resize + conv) or "pixelshuffle" (conv + depth-to-space)
     d_width: int = 32
+    act_clip: float = 0.0         # > 0: G's activations are min(relu(x), act_clip) (int8-friendly, see below)
 
     def __post_init__(self) -> None:
         if self.image_size not in (28, 32, 64):
@@ -39,6 +40,8 @@ class GANConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.upsample not in ("nearest", "pixelshuffle"):
             raise ValueError(f"upsample must be nearest or pixelshuffle, got {self.upsample}")
+        if self.act_clip < 0:
+            raise ValueError(f"act_clip must be >= 0, got {self.act_clip}")
 
     @property
     def conditional(self) -> bool:
@@ -53,12 +56,23 @@ def _plan(image_size: int) -> tuple[int, int]:
     return (7, 2) if image_size == 28 else (4, {32: 3, 64: 4}[image_size])
 
 
+def activation(x: torch.Tensor, clip: float) -> torch.Tensor:
+    """ReLU, or with ``clip > 0`` ReLU capped at ``clip`` (ONNX ``Clip(0, clip)``, like MobileNet's ReLU6).
+
+    Why cap: int8 rounds each activation tensor on one uint8 grid from 0 to its largest value. A
+    plain ReLU's rare peaks (10-13x its RMS in the shipped GAN) set that grid, and the rounding
+    noise they bring is what keeps int8 pixels from matching fp32. A cap that is there during
+    training fixes the grid at ``clip / 255``, and the model learns to work within it.
+    """
+    return F.relu(x) if clip <= 0 else x.clamp(0.0, clip)
+
+
 class UpBlock(nn.Module):
     """x2 upsample then Conv3x3 -> BN -> ReLU: (N, cin, s, s) -> (N, cout, 2s, 2s)."""
 
-    def __init__(self, cin: int, cout: int, mode: str):
+    def __init__(self, cin: int, cout: int, mode: str, clip: float = 0.0):
         super().__init__()
-        self.mode = mode
+        self.mode, self.clip = mode, clip
         if mode == "nearest":
             self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
         else:  # conv at low resolution to 4*cout channels, then DepthToSpace: same MACs, no Resize op
@@ -68,8 +82,8 @@ class UpBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "nearest":
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            return F.relu(self.bn(self.conv(x)))
-        return F.pixel_shuffle(F.relu(self.bn(self.conv(x))), 2)
+            return activation(self.bn(self.conv(x)), self.clip)
+        return F.pixel_shuffle(activation(self.bn(self.conv(x)), self.clip), 2)
 
 
 class Generator(nn.Module):
@@ -84,7 +98,7 @@ class Generator(nn.Module):
         self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim) if cfg.conditional else None
         self.fc = nn.Linear(in_dim, chans[0] * s0 * s0, bias=False)
         self.bn0 = nn.BatchNorm1d(chans[0] * s0 * s0)
-        self.blocks = nn.Sequential(*[UpBlock(chans[i], chans[i + 1], cfg.upsample) for i in range(n_up)])
+        self.blocks = nn.Sequential(*[UpBlock(chans[i], chans[i + 1], cfg.upsample, cfg.act_clip) for i in range(n_up)])
         self.out = nn.Conv2d(chans[-1], cfg.channels, 3, padding=1)
         self.s0, self.c0 = s0, chans[0]
 
@@ -93,7 +107,7 @@ class Generator(nn.Module):
             if label is None:
                 raise ValueError("conditional generator needs labels")
             z = torch.cat([z, self.embed(label)], dim=1)          # (N, 2*latent)
-        h = F.relu(self.bn0(self.fc(z)))                           # (N, C0*s0*s0)
+        h = activation(self.bn0(self.fc(z)), self.cfg.act_clip)    # (N, C0*s0*s0)
         h = h.view(-1, self.c0, self.s0, self.s0)                  # (N, C0, s0, s0)
         h = self.blocks(h)                                         # (N, width, H, W)
         return torch.tanh(self.out(h))                             # (N, C, H, W)
