@@ -14,8 +14,8 @@ int8 -- format and float islands chosen by measurement on this CPU (see docs/ben
     only 95 % of the GAN's pixels within 2/255 (measured), while the Gemm has 0.5 % of the
     multiply-adds. One scale (float16) per channel of the feature map it feeds, not per tensor:
     equalization (below) makes its rows' magnitudes differ by channel. Its bias (the folded
-    BatchNorm of 3,072 outputs) is one more weight column fed by an exact constant input column
-    (:func:`bias_as_input_column`), so it is stored in int8 too.
+    BatchNorm of 3,072 outputs) is stored the same way, with one scale per channel: int8 in the
+    file, a float vector once the session has folded its Cast and Mul.
   * The output layer (the convs after the last ReLU: width -> C channels, 0.5 % of the
     multiply-adds) stays float (its weights stored in float16): int8 there costs the most pixel
     accuracy (it feeds tanh and rounding directly) and buys no speed (C = 1 or 3 output channels
@@ -222,7 +222,6 @@ def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
     groups = {p.input[1]: numpy_helper.to_array(inits[c.input[1]]).shape[1]
               for p, _, c in ptq.boundaries(model) if p.op_type == "Gemm"}
     reference = model
-    model = bias_as_input_column(model)
     linear = [n for n in model.graph.node if n.op_type == "Gemm"]           # weight-only (module docstring)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
@@ -242,7 +241,8 @@ def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
         qmodel = onnx.load(dst)
     del qmodel.metadata_props[:]                                          # restamped by the caller
     onnx_io.strip_debug_info(qmodel)
-    int8_linear = {n.input[1]: groups.get(n.input[1], 1) for n in linear if n.name not in float_nodes}
+    int8_linear = {x: groups.get(n.input[1], 1) for n in linear if n.name not in float_nodes
+                   for x in n.input[1:3] if x in {t.name for t in qmodel.graph.initializer}}    # weights, bias
     qmodel = _int8_weights(qmodel, int8_linear)
     qmodel = layout.split_output_conv(qmodel, float_nodes)             # fp32 files edgegen wrote before it split
     # The float convs' weights (the only Conv weights still initializers) and the Gemm scales are
@@ -331,47 +331,6 @@ def _short_names(model: onnx.ModelProto) -> onnx.ModelProto:
         for field in (n.input, n.output):
             field[:] = [rename.get(x, x) for x in field]
     return model
-
-
-def bias_as_input_column(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` where each Gemm ``A @ B.T + bias`` reads ``[A, c] @ [B, bias / c].T`` instead.
-
-    Same function in float; the weight-only int8 Linear then stores its bias as one int8 weight column
-    instead of a float32 vector per output. ``c = max(1, max|bias| / max|B|)`` keeps the column within
-    the weights' range, so the per-tensor weight scale does not grow. The constant column is built
-    in-graph for any batch size: ``Expand([[c]], [N, 1])`` with N from ``Shape(A)``.
-    """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {t.name: t for t in m.graph.initializer}
-    h = onnx.helper
-    nodes, folded = [], set()
-    for node in m.graph.node:
-        attrs = {a.name: h.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits
-                or attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0
-                or attrs.get("beta", 1.0) != 1.0):
-            nodes.append(node)
-            continue
-        w, b = numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]])
-        if b.shape != (w.shape[0],):
-            nodes.append(node)
-            continue
-        c = np.float32(max(1.0, float(np.abs(b).max() / max(np.abs(w).max(), 1e-12))))
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(
-            np.concatenate([w, (b / c)[:, None]], axis=1).astype(np.float32), node.input[1]))   # (out, in + 1)
-        a, t = node.input[0], node.input[0] + "_bias"
-        m.graph.initializer.extend([numpy_helper.from_array(np.array([[c]], np.float32), t + "_c"),
-                                    numpy_helper.from_array(np.array([1], np.int64), t + "_one")])
-        nodes += [h.make_node("Shape", [a], [t + "_n"], start=0, end=1),                          # [N]
-                  h.make_node("Concat", [t + "_n", t + "_one"], [t + "_shape"], axis=0),         # [N, 1]
-                  h.make_node("Expand", [t + "_c", t + "_shape"], [t + "_col"]),                  # (N, 1) of c
-                  h.make_node("Concat", [a, t + "_col"], [t + "_in"], axis=1)]                   # (N, in + 1)
-        nodes.append(h.make_node("Gemm", [t + "_in", node.input[1]], list(node.output), name=node.name, transB=1))
-        folded.add(node.input[2])
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    return onnx_io.remove_unused(m, folded)
 
 
 # ----------------------------------------------------------------------------- fp16
