@@ -241,8 +241,8 @@ def layer_sensitivity(fp32: Path) -> dict:
         return gates.image_quality(ref, gates.generate(m, meta, gates.GATE_N, gates.GATE_SEED))["within_2_frac"]
 
     q = qdq_int8(model, meta, z, labels, layout.output_layer(model))
-    # Weights only: each QuantizeLinear -> DequantizeLinear pair on an activation becomes the ReLU that
-    # the quantizer folded into it (its uint8 range starts at 0).
+    # Weights only: each QuantizeLinear -> DequantizeLinear pair on an activation becomes the float
+    # Clip(0, top of its uint8 range): the ReLU (or capped ReLU) the quantizer folded into it.
     inits = {t.name for t in q.graph.initializer}
     act_q = {n.output[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
     weights_only = onnx.ModelProto()
@@ -250,14 +250,20 @@ def layer_sensitivity(fp32: Path) -> dict:
     nodes = []
     for n in weights_only.graph.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in act_q:
-            nodes.append(onnx.helper.make_node("Relu", [act_q[n.input[0]].input[0]], [n.output[0]]))
+            q_node = act_q[n.input[0]]
+            top, zero = n.output[0] + "_top", n.output[0] + "_zero"
+            nodes += [onnx.helper.make_node("Constant", [], [top], value_float=255.0),
+                      onnx.helper.make_node("Constant", [], [zero], value_float=0.0),
+                      onnx.helper.make_node("Mul", [q_node.input[1], top], [top + "_v"]),
+                      onnx.helper.make_node("Clip", [q_node.input[0], zero, top + "_v"], [n.output[0]])]
         elif n.output[0] not in act_q:
             nodes.append(n)
     del weights_only.graph.node[:]
     weights_only.graph.node.extend(nodes)
-    # Activations only: uint8 rounding (zero point 0: they follow a ReLU) after each ReLU of the float model.
+    # Activations only: uint8 rounding (zero point 0: they follow a ReLU) after each activation of the
+    # float model, on its calibrated range.
     eq = ptq.equalize(model, meta, z, labels)
-    relus = [n.output[0] for n in eq.graph.node if n.op_type == "Relu"]
+    relus = [n.output[0] for n in layout.activations(eq)]
     probe = onnx.ModelProto()
     probe.CopyFrom(eq)
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(r) for r in relus)
@@ -270,7 +276,7 @@ def layer_sensitivity(fp32: Path) -> dict:
     nodes = []
     for n in g.node:
         nodes.append(n)
-        if n.op_type == "Relu":
+        if n.output[0] in relus:
             r = n.output[0]
             g.initializer.extend([onnx.numpy_helper.from_array(np.array(ranges[relus.index(r)] / 255, np.float32), r + "_s"),
                                   onnx.numpy_helper.from_array(np.array(0, np.uint8), r + "_zp")])

@@ -169,6 +169,10 @@ def test_capped_activations_are_the_int8_grid(tmp_path):
               and inits[n.input[2]].dtype == np.uint8]
     assert len(scales) >= 4 and max(scales) <= cap / 255 * (1 + 1e-6)
     assert np.isclose(scales, cap / 255, rtol=1e-6).sum() >= 3
+    # The Linear's int8 weights still get one scale per channel of the conv it feeds, through the Clip.
+    channels = next(onnx.numpy_helper.to_array(t) for t in src.graph.initializer if t.name == next(
+        n for n in src.graph.node if n.op_type == "Conv").input[1]).shape[1]
+    assert sum(a.dtype == np.float16 and a.shape == (channels, 1) for a in inits.values()) == 2
     assert meta.extra["gates"]["psnr_median_db"] >= 35.0
 
 

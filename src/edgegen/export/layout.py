@@ -75,10 +75,18 @@ def split_output_conv(model: onnx.ModelProto, names: list[str] | None = None) ->
     return onnx_io.remove_unused(model, split)
 
 
-def output_layer(model: onnx.ModelProto) -> list[str]:
-    """Names of the Convs after the graph's last activation (Relu, or the Clip of a capped ReLU): the
-    output layer, which stays float in int8."""
+def activations(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The hidden activations: each Relu, or Clip of a capped ReLU, before the graph's last Conv (the
+    Clip of the pixel arithmetic comes after it)."""
     nodes = list(model.graph.node)
-    end = max((i for i, n in enumerate(nodes) if n.op_type == "Conv"), default=-1)    # pixels' Clip comes later
-    last = max((i for i, n in enumerate(nodes[:end]) if n.op_type in ("Relu", "Clip")), default=-1)
+    end = max((i for i, n in enumerate(nodes) if n.op_type == "Conv"), default=-1)
+    return [n for n in nodes[:end] if n.op_type in ("Relu", "Clip")]
+
+
+def output_layer(model: onnx.ModelProto) -> list[str]:
+    """Names of the Convs after the last of the :func:`activations`: the output layer, which stays
+    float in int8."""
+    nodes = list(model.graph.node)
+    acts = activations(model)
+    last = nodes.index(acts[-1]) if acts else -1
     return [n.name for n in nodes[last + 1:] if n.op_type == "Conv"]

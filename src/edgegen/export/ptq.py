@@ -36,12 +36,15 @@ from edgegen.modelmeta import ModelMeta
 _PASS_THROUGH = ("Reshape", "Resize")    # per-channel linear: commute with a channel's positive scale
 
 
-def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.NodeProto]]:
+def boundaries(model: onnx.ModelProto, activations: tuple[str, ...] = ("Relu",)
+               ) -> list[tuple[onnx.NodeProto, str, onnx.NodeProto]]:
     """``[(producer, relu_output, consumer)]``: Gemm/Conv -> Relu -> (Reshape | Resize | Unsqueeze)* -> Conv chains.
 
     Only chains whose producer has an initializer weight and bias, whose consumer is an ungrouped
     Conv with an initializer weight, and whose tensors have no other reader: there a per-channel
-    scale can move from one layer to the next without changing the function.
+    scale can move from one layer to the next without changing the function. ``activations`` adds
+    other ops in the Relu's place (a capped ReLU's ``Clip``, which a channel's scale does not pass:
+    for finding which conv channel a Gemm row feeds, not for equalization).
     """
     g = model.graph
     consts = {t.name: t for t in g.initializer}
@@ -57,7 +60,7 @@ def boundaries(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str, onnx.N
         if p.op_type == "Gemm" and (attrs.get("transA", 0) or not attrs.get("transB", 0)):
             continue
         nxt = users[p.output[0]]
-        if len(nxt) != 1 or nxt[0].op_type != "Relu":
+        if len(nxt) != 1 or nxt[0].op_type not in activations:
             continue
         relu = t = nxt[0].output[0]
         while len(users[t]) == 1 and _passes_channels(users[t][0], consts):
