@@ -1,6 +1,7 @@
 """Post-training refinements around the int8 quantizer, calibrated on the latent prior (no data set).
 
-Three published steps, measured on the shipped models in :mod:`edgegen.export.quantize`:
+Three published steps, and GPTQ turned on the Gemm's rows (:func:`round_linear`), measured on the
+shipped models in :mod:`edgegen.export.quantize`:
 
 * Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization"), before quantizing. An
   int8 activation has one scale per tensor, so a channel that spans a tenth of its tensor's range
@@ -202,18 +203,86 @@ def round_weights(reference: onnx.ModelProto, qmodel: onnx.ModelProto, meta: Mod
     return qmodel
 
 
+def round_linear(reference: onnx.ModelProto, qmodel: onnx.ModelProto, meta: ModelMeta, z: np.ndarray,
+                 labels: np.ndarray | None, damp: float = 0.01) -> onnx.ModelProto:
+    """``qmodel`` with the int8 weights of its weight-only Gemm re-rounded by GPTQ against the error at
+    the output of the Conv the Gemm feeds.
+
+    The Gemm's own output error is no guide: its input is the latent z, N(0, I), so H = I and GPTQ
+    gains nothing over rounding to nearest. The next Conv, though, sums the Gemm's outputs, and
+    errors it cancels cost nothing. With A the linear map from the activation (Reshape, Resize) to
+    that Conv's output and d the activation's 0/1 slope (0 where the ReLU or its cap cuts),
+    E|A (d * dW z)|^2 = sum over input columns j of dW[:, j]^T H dW[:, j] with
+    H = (A A^T) * E[d d^T]: GPTQ along each column of the Gemm's weights, over its rows. The
+    weights are those :func:`edgegen.export.quantize` stores (``<name>_q8`` int8, one float16 scale
+    ``<name>_s__fp16`` per row group); ``reference`` is the float model they came from.
+    """
+    g = reference.graph
+    inits = {t.name: t for t in g.initializer}
+    qinits = {t.name: t for t in qmodel.graph.initializer}
+    users, producer = defaultdict(list), {}
+    for n in g.node:
+        for x in n.input:
+            users[x].append(n)
+        for o in n.output:
+            producer[o] = n
+    for p, act_out, c in boundaries(reference, ("Relu", "Clip")):
+        stored, scales = p.input[1] + "_q8", p.input[1] + "_s__fp16"
+        if p.op_type != "Gemm" or not {stored, scales} <= qinits.keys():
+            continue
+        w = numpy_helper.to_array(inits[p.input[1]]).astype(np.float64)                    # (out, in)
+        y = np.concatenate([v[0] for v in _probed(reference, meta, z, labels, [p.output[0]], 64)])   # (N, out)
+        act = producer[act_out]
+        lo, hi = ((0.0, np.inf) if act.op_type == "Relu" else
+                  (float(numpy_helper.to_array(inits[act.input[1]])), float(numpy_helper.to_array(inits[act.input[2]]))))
+        live = ((y > lo) & (y < hi)).astype(np.float64)
+        a = _linear_map(reference, act_out, c, inits, users, len(w))                        # (out, M)
+        if a is None:
+            continue
+        h = (a @ a.T) * (live.T @ live / len(live))                                          # (out, out)
+        s = numpy_helper.to_array(qinits[scales]).astype(np.float64).ravel()                 # (groups,)
+        q = _gptq(w.T, h, np.repeat(s, len(w) // len(s))[None, :], damp)                    # (in, out)
+        qinits[stored].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(q.T).reshape(len(s), -1), stored))
+    return qmodel
+
+
+def _linear_map(model: onnx.ModelProto, start: str, conv: onnx.NodeProto, inits: dict, users: dict,
+                width: int) -> np.ndarray | None:
+    """(width, M): row i is the output of ``start`` -> (Reshape | Resize | Unsqueeze)* -> ``conv``
+    (without its bias) for the i-th unit vector as ``start``, run through onnxruntime; None when an
+    op of the chain reads a tensor that is not an initializer."""
+    h = onnx.helper
+    nodes, t = [], start
+    while users[t][0] is not conv:
+        nodes.append(users[t][0])
+        t = nodes[-1].output[0]
+    nodes.append(h.make_node("Conv", [t, conv.input[1]], ["mapped"],
+                             **{a.name: h.get_attribute_value(a) for a in conv.attribute}))
+    needed = {x for n in nodes for x in n.input} - {start, ""} - {o for n in nodes for o in n.output}
+    if not needed <= inits.keys():
+        return None
+    graph = h.make_graph(nodes, "linear_map", [h.make_tensor_value_info(start, onnx.TensorProto.FLOAT, ["N", width])],
+                         [h.make_empty_tensor_value_info("mapped")], [inits[x] for x in needed])
+    sess = onnx_io.session(h.make_model(graph, opset_imports=model.opset_import), 2)
+    eye = np.eye(width, dtype=np.float32)
+    return np.concatenate([sess.run(None, {start: eye[i:i + 256]})[0].reshape(len(eye[i:i + 256]), -1)
+                           for i in range(0, width, 256)]).astype(np.float64)
+
+
 def _gptq(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, damp: float) -> np.ndarray:
-    """(O, d) float weights -> (O, d) int8 on the grid ``scale`` (O,), rounded column by column with
-    each column's error spread over the later columns through the Cholesky factor of H^-1."""
+    """(O, d) float weights -> (O, d) int8 on the grid ``scale`` ((O,), or (1, d): one per column),
+    rounded column by column with each column's error spread over the later columns through the
+    Cholesky factor of H^-1."""
     w = w.copy()
     d = w.shape[1]
+    scale = np.broadcast_to(scale.reshape(-1, 1) if scale.ndim == 1 else scale, w.shape)
     gram = gram + damp * float(np.mean(np.diag(gram)) or 1.0) * np.eye(d)
     u = np.linalg.cholesky(np.linalg.inv(gram)).T                 # upper: H^-1 = u^T u
     q = np.zeros(w.shape, dtype=np.int8)
     for i in range(d):
-        qi = np.clip(np.round(w[:, i] / scale), -127, 127)
+        qi = np.clip(np.round(w[:, i] / scale[:, i]), -127, 127)
         q[:, i] = qi
-        err = (w[:, i] - qi * scale) / u[i, i]                   # (O,)
+        err = (w[:, i] - qi * scale[:, i]) / u[i, i]             # (O,)
         w[:, i + 1:] -= np.outer(err, u[i, i + 1:])
     return q
 
