@@ -38,6 +38,7 @@ def test_gan_run_folder_is_complete(tmp_path, small_idx_dir):
     assert state["step"] == 4 and set(state["models"]) == {"G", "D", "G_ema"}
     assert state["data"]["fingerprint"] and state["version"]
     assert state["train_config"]["mode_seeking"] == 0.2      # conditional GANs collapse without it
+    assert state["train_config"]["act_clip"] == state["model_config"]["act_clip"] == 3.0   # int8-friendly default
     loaded = load_run(run)
     assert loaded.kind == "gan" and not loaded.model.training
     x = loaded.model(torch.randn(2, 16), torch.tensor([1, 2]))

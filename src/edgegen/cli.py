@@ -321,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GAN: weight of the mode-seeking term (MSGAN) that keeps samples diverse "
                         "(default 0.2 with --conditional, where a GAN collapses without it; else 0)")
     p.add_argument("--upsample", choices=["nearest", "pixelshuffle"], default="nearest")
-    p.add_argument("--act-clip", type=float, default=0.0,
-                   help="GAN: cap the generator's ReLUs at this value, so int8 keeps more precision (0: no cap)")
+    p.add_argument("--act-clip", type=float,
+                   help="GAN: cap of the generator's ReLUs, so its int8 export keeps more precision "
+                        "(default 3; 0: plain ReLUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
