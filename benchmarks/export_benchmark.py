@@ -1,6 +1,6 @@
 """Export benchmark: PyTorch eager vs onnxruntime fp32 / int8 / fp16, side by side in one run.
 
-Default 32x32 GAN (``GANConfig()``), random weights with recomputed BatchNorm statistics (speed and
+Default 32x32 GAN (``GANConfig()`` with the training default's activation cap), random weights with recomputed BatchNorm statistics (speed and
 size do not depend on training; the quality gate figures do, so they are shown but not judged here).
 Every engine gets 2 intra-op threads. Measures images/s at batch 1 and 64 (all engines timed back to
 back in rounds, so the shared machine's load drifts hit them alike), the multiply-adds/s int8 achieves against this CPU's int8 peak, cold start (import
@@ -42,9 +42,10 @@ def build(work: Path, upsample: str = "nearest"):
     from edgegen.export import export_run, quantize_model
     from edgegen.training.checkpoint import LoadedRun
     from edgegen.training.models.gan import GANConfig, Generator, recompute_bn_stats
+    from edgegen.training.train import GAN_ACT_CLIP
 
     torch.manual_seed(0)
-    cfg = GANConfig(upsample=upsample)
+    cfg = GANConfig(upsample=upsample, act_clip=GAN_ACT_CLIP)    # what `edgegen train gan` makes
     gen = Generator(cfg)
     recompute_bn_stats(gen, batches=4, batch_size=128)
     gen.eval()
@@ -310,7 +311,7 @@ def section(r: dict) -> str:
     lines = [
         "## Export and quantization",
         "",
-        f"Default 32x32 GAN (`GANConfig()`: nearest-resize + Conv3x3 up-blocks, width 32, "
+        f"Default 32x32 GAN (as `edgegen train gan` makes it: nearest-resize + Conv3x3 up-blocks, width 32, ReLUs capped at 3, "
         f"{r['macs_per_image'] / 1e6:.1f} M multiply-adds per image), random weights with recomputed BN; "
         f"{THREADS} threads per engine, shared 2-core machine. All engines are timed back to back in each of 15 "
         "rounds (rotating order), so load drifts hit them alike: the table shows the median images/s, the ratios "

@@ -232,10 +232,11 @@ def round_linear(reference: onnx.ModelProto, qmodel: onnx.ModelProto, meta: Mode
             continue
         w = numpy_helper.to_array(inits[p.input[1]]).astype(np.float64)                    # (out, in)
         y = np.concatenate([v[0] for v in _probed(reference, meta, z, labels, [p.output[0]], 64)])   # (N, out)
-        act = producer[act_out]
-        lo, hi = ((0.0, np.inf) if act.op_type == "Relu" else
-                  (float(numpy_helper.to_array(inits[act.input[1]])), float(numpy_helper.to_array(inits[act.input[2]]))))
-        live = ((y > lo) & (y < hi)).astype(np.float64)
+        act = producer[act_out]                                                              # Relu or Clip
+        bound = lambda k, default: (float(numpy_helper.to_array(inits[act.input[k]]))
+                                    if len(act.input) > k and act.input[k] in inits else default)
+        lo, hi = (0.0, np.inf) if act.op_type == "Relu" else (bound(1, -np.inf), bound(2, np.inf))
+        live = ((y > lo) & (y < hi)).astype(np.float64)                                      # (N, out) slope 0/1
         a = _linear_map(reference, act_out, c, inits, users, len(w))                        # (out, M)
         if a is None:
             continue
