@@ -6,7 +6,8 @@ Generator: z (N, latent) -> Linear -> (N, C0, s0, s0) -> [upsample x2 -> Conv3x3
 Why this shape: onnxruntime's CPU int8 path runs Conv as QLinearConv on VNNI/AMX kernels but a
 quantized ConvTranspose falls back to float, so we upsample by nearest-neighbour resize (or pixel
 shuffle) followed by a plain Conv; that also avoids checkerboard artefacts. Every conv is followed
-directly by BatchNorm (conv has no bias) so export folds BN into the conv weights.
+directly by BatchNorm (conv has no bias) so export folds BN into the conv weights. The ReLUs may be
+capped (``act_clip``, :func:`activation`) so that int8 rounds every activation on a fixed, fine grid.
 
 Discriminator: spectrally normalised convs, hinge loss, and a projection head for class
 conditioning (Miyato & Koyama 2018).
