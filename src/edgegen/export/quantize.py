@@ -51,8 +51,8 @@ on the plain-ReLU GAN and not kept: clipping the calibrated ranges after trainin
 97.1 %, worst image 39 dB; 0.8x: 95.3 %; per activation, 0.5-0.9x: at most 97.6 %), quantization-
 aware fine-tuning of the int8 weights and biases against the fp32 model (straight-through
 rounding, 200 Adam steps of 64: 97.1-97.2 %), and fine-tuning the float generator against its own
-simulated uint8 activations (400-600 Adam steps: 97.3 %); a cap added by fine-tuning the trained
-model instead of training with it (800 GAN steps: 98.5 %, FCD worse).
+simulated uint8 activations (400-600 Adam steps: 97.3 %). Adding the cap to the trained model by
+800 more GAN steps, instead of training with it, left its FCD worse (2,000 samples: 9.19 vs 8.94).
 """
 
 from __future__ import annotations
