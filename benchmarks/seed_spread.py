@@ -45,6 +45,10 @@ def score(name: str, seed: int, n: int) -> dict | None:
         return json.loads(cache.read_text())
     last = run / "last.pt"
     state = load_checkpoint(last) if last.exists() else None
+    if state is not None and state["model_config"].get("act_clip", 0.0) != recipe.get("act_clip", 0.0):
+        print(f"[{name}] seed {seed}: {run} was trained with an older recipe (act_clip); move it aside to retrain",
+              flush=True)
+        return None
     if state is None or state["step"] < _steps(name):
         if seed == 0:
             print(f"[{name}] seed 0: run `make models` first", flush=True)
@@ -83,7 +87,7 @@ def section(results: dict[str, dict[int, dict]], missing: list[str], n: int) -> 
     if floor is not None:
         lines += ["", f"Real-vs-real FCD floor at this n: {floor:.3f}."]
     if missing:
-        lines += ["", "Not finished when this ran (left out): " + ", ".join(missing) + "."]
+        lines += ["", "Unfinished, or trained with an older recipe, when this ran (left out): " + ", ".join(missing) + "."]
     return "\n".join(lines)
 
 
