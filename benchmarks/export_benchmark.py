@@ -1,7 +1,8 @@
 """Export benchmark: PyTorch eager vs onnxruntime fp32 / int8 / fp16, side by side in one run.
 
-Default 32x32 GAN (``GANConfig()`` with the training default's activation cap), random weights with recomputed BatchNorm statistics (speed and
-size do not depend on training; the quality gate figures do, so they are shown but not judged here).
+Default 32x32 GAN (``GANConfig()`` with the training default's activation cap), random weights with
+recomputed BatchNorm statistics (speed and size do not depend on training; the quality gate figures
+do, so they are shown but not judged here).
 Every engine gets 2 intra-op threads. Measures images/s at batch 1 and 64 (all engines timed back to
 back in rounds, so the shared machine's load drifts hit them alike), the multiply-adds/s int8 achieves against this CPU's int8 peak, cold start (import
 onnxruntime, open the session, first image) in a fresh process that never imports torch, file
@@ -296,6 +297,8 @@ def ratio(r: dict, batch: int, name: str) -> str:
 
 def section(r: dict) -> str:
     """Markdown for the export section."""
+    from edgegen.training.train import GAN_ACT_CLIP
+
     t1, t64 = r["torch_b1"], r["torch_b64"]
     peak_vnni = GHZ * 1e9 * CORES * VNNI_MACS_CYCLE
     peak_amx = GHZ * 1e9 * CORES * AMX_MACS_CYCLE
@@ -311,7 +314,8 @@ def section(r: dict) -> str:
     lines = [
         "## Export and quantization",
         "",
-        f"Default 32x32 GAN (as `edgegen train gan` makes it: nearest-resize + Conv3x3 up-blocks, width 32, ReLUs capped at 3, "
+        f"Default 32x32 GAN (as `edgegen train gan` makes it: nearest-resize + Conv3x3 up-blocks, width 32, "
+        f"ReLUs capped at {GAN_ACT_CLIP:g}, "
         f"{r['macs_per_image'] / 1e6:.1f} M multiply-adds per image), random weights with recomputed BN; "
         f"{THREADS} threads per engine, shared 2-core machine. All engines are timed back to back in each of 15 "
         "rounds (rotating order), so load drifts hit them alike: the table shows the median images/s, the ratios "

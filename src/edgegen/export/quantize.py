@@ -14,8 +14,8 @@ int8 -- format and float islands chosen by measurement on this CPU (see docs/ben
     only 95 % of the GAN's pixels within 2/255 (measured), while the Gemm has 0.5 % of the
     multiply-adds. One scale (float16) per channel of the feature map it feeds, not per tensor:
     equalization (below) makes its rows' magnitudes differ by channel. Its bias (the folded
-    BatchNorm of 3,072 outputs) is stored the same way, with one scale per channel: int8 in the
-    file, a float vector once the session has folded its Cast and Mul.
+    BatchNorm of 3,072 outputs) is stored in int8 too, on the same scales times one constant: a
+    float vector once the session has folded its Cast and Mul.
   * The output layer (the convs after the last ReLU: width -> C channels, 0.5 % of the
     multiply-adds) stays float (its weights stored in float16): int8 there costs the most pixel
     accuracy (it feeds tanh and rounding directly) and buys no speed (C = 1 or 3 output channels
@@ -46,7 +46,7 @@ Measured on the shipped models: all three pass every gate. A GAN with plain ReLU
 8-bit activations between the convolutions leave 97.4 % of pixels within 2/255 (seeds 0-2 of an
 earlier recipe: 97.2-98.0 %). The cause is the ReLUs' rare peaks (10-13x their RMS), which set each
 activation's uint8 range; GANs now cap their ReLUs during training (``--act-clip``, default 3), which
-fixes that range at [0, 3]: 99.30 % at a better FCD (docs/benchmarks.md, activation cap). Measured
+fixes that range at [0, 3]: 99.30 %, with FCD 8.18 against 8.55 (docs/benchmarks.md, activation cap). Measured
 on the plain-ReLU GAN and not kept: clipping the calibrated ranges after training (0.9x MinMax:
 97.1 %, worst image 39 dB; 0.8x: 95.3 %; per activation, 0.5-0.9x: at most 97.6 %), quantization-
 aware fine-tuning of the int8 weights and biases against the fp32 model (straight-through

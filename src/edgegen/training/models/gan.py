@@ -61,7 +61,7 @@ def activation(x: torch.Tensor, clip: float) -> torch.Tensor:
     """ReLU, or with ``clip > 0`` ReLU capped at ``clip`` (ONNX ``Clip(0, clip)``, like MobileNet's ReLU6).
 
     Why cap: int8 rounds each activation tensor on one uint8 grid from 0 to its largest value. A
-    plain ReLU's rare peaks (10-13x its RMS in the shipped GAN) set that grid, and the rounding
+    plain ReLU's rare peaks (10-13x its RMS in a trained GAN) set that grid, and the rounding
     noise they bring is what keeps int8 pixels from matching fp32. A cap that is there during
     training fixes the grid at ``clip / 255``, and the model learns to work within it.
     """
