@@ -43,8 +43,9 @@ def run(out: Path, minutes: float, n: int) -> None:
              "--minutes", str(minutes), "--checkpoint-minutes", "1")
     step("evaluate it", "eval", str(run_dir), "-n", "2000", "--json", str(out / "quality.json"))
     step("export to ONNX", "export", str(run_dir), "--out", str(onnx))
-    # --force: keep the int8 file even if a gate fails. Trained GANs pass the PSNR gate (~45 dB median) but
-    # not the strict "99 % of pixels within 2/255" one (~92 %); the figures are printed and kept in the file.
+    # --force: keep the int8 file even if a gate fails, so the tutorial goes on. With capped ReLUs (the
+    # training default) even this 4-minute GAN passed every gate (99.6 % of pixels within 2/255), but
+    # a slower machine trains fewer steps; the figures are kept in the file's metadata either way.
     step("quantize to int8 (quality and speed gates)", "quantize", str(onnx), "--mode", "int8", "--out", str(int8),
          "--force")
     if not key.exists():
