@@ -80,7 +80,7 @@ def activations(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     Clip of the pixel arithmetic comes after it)."""
     nodes = list(model.graph.node)
     end = max((i for i, n in enumerate(nodes) if n.op_type == "Conv"), default=-1)
-    return [n for n in nodes[:end] if n.op_type in ("Relu", "Clip")]
+    return [n for n in nodes[:end] if n.op_type in ptq.ACTIVATIONS]
 
 
 def output_layer(model: onnx.ModelProto) -> list[str]:

@@ -35,6 +35,7 @@ from edgegen.export import onnx_io
 from edgegen.modelmeta import ModelMeta
 
 _PASS_THROUGH = ("Reshape", "Resize")    # per-channel linear: commute with a channel's positive scale
+ACTIVATIONS = ("Relu", "Clip")           # a generator's hidden activations: ReLU, or a capped ReLU's Clip
 
 
 def boundaries(model: onnx.ModelProto, activations: tuple[str, ...] = ("Relu",)
@@ -226,7 +227,7 @@ def round_linear(reference: onnx.ModelProto, qmodel: onnx.ModelProto, meta: Mode
             users[x].append(n)
         for o in n.output:
             producer[o] = n
-    for p, act_out, c in boundaries(reference, ("Relu", "Clip")):
+    for p, act_out, c in boundaries(reference, ACTIVATIONS):
         stored, scales = p.input[1] + "_q8", p.input[1] + "_s__fp16"
         if p.op_type != "Gemm" or not {stored, scales} <= qinits.keys():
             continue

@@ -222,7 +222,7 @@ def qdq_int8(model: onnx.ModelProto, meta: ModelMeta, z: np.ndarray, labels: np.
     inits = {t.name: t for t in model.graph.initializer}
     # A Gemm feeding a Conv gets one weight scale per channel of that Conv's input (its rows c*hw ..).
     groups = {p.input[1]: numpy_helper.to_array(inits[c.input[1]]).shape[1]
-              for p, _, c in ptq.boundaries(model, ("Relu", "Clip")) if p.op_type == "Gemm"}
+              for p, _, c in ptq.boundaries(model, ptq.ACTIVATIONS) if p.op_type == "Gemm"}
     reference = model
     linear = [n for n in model.graph.node if n.op_type == "Gemm"]           # weight-only (module docstring)
     with tempfile.TemporaryDirectory() as tmp:
