@@ -305,22 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics)")
     p.add_argument("--minutes", type=float, help="training time budget (wall clock, across resumes)")
     p.add_argument("--epochs", type=float, help="training length in passes over the data")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=32, choices=[28, 32, 64])
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise (default 0)")
+    p.add_argument("--size", type=int, default=32, choices=[28, 32, 64], help="image side in pixels (default 32)")
     p.add_argument("--channels", type=int, choices=[1, 3], help="default: the data's channels")
     p.add_argument("--conditional", action="store_true", help="class-conditional model")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--checkpoint-minutes", type=float, default=2.0)
+    p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="minutes between checkpoints (default 2)")
     p.add_argument("--width", type=int, help="model width (channels of the last block)")
-    p.add_argument("--latent-dim", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--latent-dim", type=int, help="size of z (default 64 for a GAN, 32 for a VAE)")
+    p.add_argument("--lr", type=float, help="learning rate (default 2e-4 GAN, 1e-3 VAE, 2e-3 classifier)")
     p.add_argument("--beta", type=float, default=1.0, help="VAE KL weight")
     p.add_argument("--mode-seeking", type=float,
                    help="GAN: weight of the mode-seeking term (MSGAN) that keeps samples diverse "
                         "(default 0.2 with --conditional, where a GAN collapses without it; else 0)")
-    p.add_argument("--upsample", choices=["nearest", "pixelshuffle"], default="nearest")
+    p.add_argument("--upsample", choices=["nearest", "pixelshuffle"], default="nearest",
+                   help="GAN up-blocks: nearest resize + conv (default) or conv + pixel shuffle")
     p.add_argument("--act-clip", type=float,
                    help="GAN: cap of the generator's ReLUs, so its int8 export keeps more precision "
                         "(default 3; 0: plain ReLUs)")
@@ -345,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="int8 or fp16 copy of an exported model, behind quality and speed gates")
     p.add_argument("model", metavar="MODEL", help="fp32 .onnx written by edgegen export")
-    p.add_argument("--mode", choices=["int8", "fp16"], default="int8")
+    p.add_argument("--mode", choices=["int8", "fp16"], default="int8",
+                   help="int8: static QDQ, about 4x smaller and faster (default); fp16: float16 weights, 2x smaller")
     p.add_argument("--out", required=True, help="output .onnx")
     p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
     p.set_defaults(func=_cmd_quantize)
