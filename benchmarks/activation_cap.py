@@ -25,18 +25,23 @@ from edgegen.export import export_run, quantize_model
 from edgegen.training.checkpoint import load_checkpoint
 from edgegen.training.evaluate import evaluate_target
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from make_models import RECIPES, recipe_steps  # noqa: E402
+
 
 def train_missing(runs: dict[float, Path], epochs: float) -> None:
     """Train (or resume) every run that has not reached ``epochs``, side by side, one core each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    steps = int(epochs * (60_000 // 64) + 0.999)
+    recipe = RECIPES["gan"]
+    steps = recipe_steps({**recipe, "epochs": epochs})
     procs = []
     for cap, run in runs.items():
         last = run / "last.pt"
         if last.exists() and load_checkpoint(last)["step"] >= steps:
             continue
         cmd = [sys.executable, "-m", "edgegen.cli", "train", "gan", "--out", str(run), "--epochs", str(epochs),
-               "--width", "24", "--batch-size", "64", "--seed", "0", "--checkpoint-minutes", "3",
+               "--width", str(recipe["width"]), "--batch-size", str(recipe["batch_size"]), "--seed", str(recipe["seed"]),
+               "--checkpoint-minutes", "3",
                "--act-clip", str(cap), "--quiet"] + (["--resume"] if last.exists() else [])
         procs.append(subprocess.Popen(cmd, env=env))
     for p in procs:
@@ -69,11 +74,13 @@ def main() -> None:
     rows = [measure(cap, run, args.n) for cap, run in runs.items()]
     (Path(args.out) / "activation_cap.json").write_text(json.dumps(rows, indent=1))
 
+    recipe = RECIPES["gan"]
     lines = [
         "## GAN activation cap vs int8 accuracy (issue 3)",
         "",
         f"`python benchmarks/activation_cap.py --caps {' '.join(f'{c:g}' for c in args.caps)}` on {machine()}: "
-        f"the shipped GAN recipe (width 24, batch 64, seed 0, {args.epochs:g} epochs, best checkpoint by the "
+        f"the shipped GAN recipe (width {recipe['width']}, batch {recipe['batch_size']}, seed {recipe['seed']}, {args.epochs:g} epochs, "
+        "best checkpoint by the "
         "training-time FCD), trained once per cap of the generator's ReLUs (0: plain ReLU), side by side, one "
         "core each. int8 as `edgegen quantize` writes it, against its fp32 export on the gate's 256 latents; "
         f"FCD with `edgegen eval`'s protocol ({args.n:,} samples, real-vs-real floor {rows[0]['floor_fcd']:.3f}).",

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from docs_section import machine, write_section  # noqa: E402
-from make_models import RECIPES  # noqa: E402
+from make_models import RECIPES, recipe_steps  # noqa: E402
 
 METRICS = [("fcd", "FCD", 3), ("recall", "recall", 3), ("precision", "precision", 3),
            ("min_class_fraction", "smallest class", 3), ("class_agreement", "class agreement", 3)]
@@ -49,7 +49,7 @@ def score(name: str, seed: int, n: int) -> dict | None:
         print(f"[{name}] seed {seed}: {run} was trained with an older recipe (act_clip); move it aside to retrain",
               flush=True)
         return None
-    if state is None or state["step"] < _steps(name):
+    if state is None or state["step"] < recipe_steps(RECIPES[name]):
         if seed == 0:
             print(f"[{name}] seed 0: run `make models` first", flush=True)
             return None
@@ -117,16 +117,11 @@ def main() -> None:
     write_section("seeds", section(results, missing, args.n))
 
 
-def _steps(name: str) -> int:
-    """Training steps of ``name``'s recipe (epochs over the 60,000 training images)."""
-    return int(RECIPES[name]["epochs"] * (60_000 // RECIPES[name]["batch_size"]) + 0.999)
-
-
 def _finished(run: Path, name: str) -> bool:
     from edgegen.training.checkpoint import load_checkpoint
 
     last = run / "last.pt"
-    return last.exists() and load_checkpoint(last)["step"] >= _steps(name)
+    return last.exists() and load_checkpoint(last)["step"] >= recipe_steps(RECIPES[name])
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def recipe_steps(recipe: dict) -> int:
+    """Training steps of ``recipe``: its epochs over the 60,000 Fashion-MNIST training images."""
+    return int(recipe["epochs"] * (60_000 // recipe["batch_size"]) + 0.999)
+
+
 def build(name: str, recipe: dict, runs: Path, device: str | None, n_eval: int) -> dict:
     """Train, export, quantize and evaluate one model; returns its models.json entry."""
     from edgegen.export import export_run, quantize_model
@@ -59,8 +64,7 @@ def build(name: str, recipe: dict, runs: Path, device: str | None, n_eval: int) 
                         **recipe)
     last = run / "last.pt"
     state = load_checkpoint(last) if last.exists() else None
-    steps_needed = int(recipe["epochs"] * (60_000 // recipe["batch_size"]) + 0.999)
-    if state is None or state["step"] < steps_needed:
+    if state is None or state["step"] < recipe_steps(recipe):
         t0 = time.monotonic()
         train(TrainOptions(**{**asdict(opts), "resume": state is not None}))
         print(f"[{name}] trained in {time.monotonic() - t0:.0f} s", flush=True)
