@@ -3,13 +3,10 @@
 Default 32x32 GAN (``GANConfig()`` with the training default's activation cap), random weights with
 recomputed BatchNorm statistics (speed and size do not depend on training; the quality gate figures
 do, so they are shown but not judged here).
-Every engine gets 2 intra-op threads; onnxruntime runs with its threads spinning between runs (its
-default and edgegen's batch mode; PyTorch's OpenMP threads spin too) and, for apps, with spinning
-off (edgegen's desktop mode). Measures images/s at batch 1 and 64 (all engines timed back to back
-in rounds, so the shared machine's load drifts hit them alike), the multiply-adds/s achieved against
-this CPU's peaks, cold start (import onnxruntime, open the session, first image) in a fresh process
-that never imports torch, file sizes, and the levers (pixel-shuffle up-blocks, NHWC layout, split
-output conv, exact phase rewrite). Writes the
+Every engine gets 2 intra-op threads. Measures images/s at batch 1 and 64 (all engines timed back to
+back in rounds, so the shared machine's load drifts hit them alike), the multiply-adds/s int8 achieves against this CPU's int8 peak, cold start (import
+onnxruntime, open the session, first image) in a fresh process that never imports torch, file
+sizes, and the architecture lever (pixel-shuffle vs nearest-resize up-blocks). Writes the
 ``export`` section of docs/benchmarks.md between ``<!-- export:start -->`` and ``<!-- export:end -->``.
 
     python benchmarks/export_benchmark.py [--no-levers] [--sensitivity runs/models/gan.onnx] [--doc docs/benchmarks.md]
@@ -95,17 +92,11 @@ def torch_runner(gen, batch: int, threads: int):
     return run
 
 
-def ort_runner(model: bytes, meta, batch: int, mode: str = "batch"):
-    """onnxruntime as edgegen's runtime opens it in ``mode`` (``batch``: worker threads spin between
-    runs, onnxruntime's default, as PyTorch's OpenMP threads do; ``desktop``: spinning off), 2
-    threads, NHWC transformer skipped; one batch of pixels."""
-    import onnxruntime as ort
-
+def ort_runner(model: bytes, meta, batch: int):
+    """onnxruntime as edgegen runs it (2 threads, NHWC transformer skipped), one batch of pixels."""
     from edgegen.export import onnx_io
-    from edgegen.runtime.generator import DISABLED_OPTIMIZERS, session_options
 
-    sess = ort.InferenceSession(model, session_options(mode, THREADS), providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    sess = onnx_io.session(model, THREADS)
     z, labels = onnx_io.seeded_latents(meta, batch, 0)
     feed = onnx_io.feeds(meta, z, labels)
     return lambda: sess.run(None, feed)
@@ -151,16 +142,13 @@ def measure(work: Path, levers: bool) -> dict:
         # round's ratios use the better of the two: the comparison never flatters onnxruntime.
         runners = {"torch2": torch_runner(gen, b, 2), "torch1": torch_runner(gen, b, 1)}
         runners.update({m: ort_runner(p.read_bytes(), meta, b) for m, p in paths.items()})
-        runners.update({f"{m}_desktop": ort_runner(paths[m].read_bytes(), meta, b, "desktop") for m in ("fp32", "int8")})
         ips = interleaved(runners, b)
         eager = np.maximum(ips["torch2"], ips["torch1"])
         for k, v in ips.items():
             res[f"{k}_b{b}"] = float(np.median(v))
         res[f"torch_b{b}"] = float(np.median(eager))
         res[f"ratios_b{b}"] = {"int8/fp32": quartiles(ips["int8"] / ips["fp32"]),
-                               "fp32/eager": quartiles(ips["fp32"] / eager), "int8/eager": quartiles(ips["int8"] / eager),
-                               "fp32_desktop/eager": quartiles(ips["fp32_desktop"] / eager),
-                               "int8_desktop/eager": quartiles(ips["int8_desktop"] / eager)}
+                               "fp32/eager": quartiles(ips["fp32"] / eager), "int8/eager": quartiles(ips["int8"] / eager)}
     res["sizes"] = {m: p.stat().st_size for m, p in paths.items()}
     res["cold_inner_s"], res["cold_process_s"] = cold_start(paths["int8"])
     if levers:
@@ -383,8 +371,7 @@ def section(r: dict) -> str:
         f"Default 32x32 GAN (as `edgegen train gan` makes it: nearest-resize + Conv3x3 up-blocks, width 32, "
         f"ReLUs capped at {GAN_ACT_CLIP:g}, "
         f"{r['macs_per_image'] / 1e6:.1f} M multiply-adds per image), random weights with recomputed BN; "
-        f"{THREADS} threads per engine, onnxruntime opened as edgegen's batch mode opens it (worker threads spin "
-        "between runs: onnxruntime's default, and what PyTorch's OpenMP threads do), shared 2-core machine. All engines are timed back to back in each of 15 "
+        f"{THREADS} threads per engine, shared 2-core machine. All engines are timed back to back in each of 15 "
         "rounds (rotating order), so load drifts hit them alike: the table shows the median images/s, the ratios "
         "below the median (quartiles) of the per-round ratios. `python benchmarks/export_benchmark.py`.",
         "",
@@ -397,9 +384,6 @@ def section(r: dict) -> str:
         "(target >= 2x at batch 64).",
         f"- fp32 onnxruntime / eager at batch 1: {ratio(r, 1, 'fp32/eager')} (target >= 4x); int8 / eager: "
         f"{ratio(r, 1, 'int8/eager')} at batch 1 (target >= 6x), {ratio(r, 64, 'int8/eager')} at batch 64 (target >= 3x).",
-        f"- edgegen's desktop mode (spinning off, for apps that call the model now and then): fp32 "
-        f"{r['fp32_desktop_b1']:,.0f}, int8 {r['int8_desktop_b1']:,.0f} img/s at batch 1; against eager "
-        f"fp32 {ratio(r, 1, 'fp32_desktop/eager')}, int8 {ratio(r, 1, 'int8_desktop/eager')}.",
         f"- int8 achieved {achieved / 1e9:.0f} G multiply-adds/s at batch 64: {100 * achieved / peak_vnni:.1f} % of the "
         f"AVX-512 VNNI peak ({peak_vnni / 1e9:.0f} G/s = {CORES} cores x {GHZ} GHz x {VNNI_MACS_CYCLE}) and "
         f"{100 * achieved / peak_amx:.1f} % of the AMX-int8 peak ({peak_amx / 1e12:.1f} T/s). fp32 onnxruntime achieved "
