@@ -3,10 +3,12 @@
 Default 32x32 GAN (``GANConfig()`` with the training default's activation cap), random weights with
 recomputed BatchNorm statistics (speed and size do not depend on training; the quality gate figures
 do, so they are shown but not judged here).
-Every engine gets 2 intra-op threads. Measures images/s at batch 1 and 64 (all engines timed back to
-back in rounds, so the shared machine's load drifts hit them alike), the multiply-adds/s int8 achieves against this CPU's int8 peak, cold start (import
-onnxruntime, open the session, first image) in a fresh process that never imports torch, file
-sizes, and the architecture lever (pixel-shuffle vs nearest-resize up-blocks). Writes the
+Every engine gets 2 intra-op threads (onnxruntime's spinning off, as edgegen's sessions run).
+Measures images/s at batch 1 and 64 (all engines timed back to back in rounds, so the shared
+machine's load drifts hit them alike), the multiply-adds/s achieved against this CPU's peaks, cold
+start (import onnxruntime, open the session, first image) in a fresh process that never imports
+torch, file sizes, and the levers (pixel-shuffle up-blocks, NHWC layout, exact phase rewrite, split
+output conv). Writes the
 ``export`` section of docs/benchmarks.md between ``<!-- export:start -->`` and ``<!-- export:end -->``.
 
     python benchmarks/export_benchmark.py [--no-levers] [--sensitivity runs/models/gan.onnx] [--doc docs/benchmarks.md]
