@@ -1,13 +1,15 @@
 """Seed spread of the bundled-model recipes (issue 7): quality as mean ± sd over training seeds.
 
-    python benchmarks/seed_spread.py [--models gan conditional vae] [--seeds 1 2]
+    python benchmarks/seed_spread.py [--models gan gan_relu conditional vae] [--seeds 1 2]
 
 Seed 0 is the shipped model (runs/models/<name>, built by ``make models``). Every other seed trains
 the same recipe (``scripts/make_models.py``'s RECIPES, only the seed changed) into
 runs/seeds/<name>_s<seed>, resuming an interrupted run, and is exported to fp32 ONNX. Each model
 is scored with ``edgegen eval``'s protocol (10,000 samples against the 10,000 test images, seed 0)
-and the table of per-seed figures and their mean ± sd is written to the "seeds" section of
+and by the int8 quality gate (its int8 file's pixels within 2/255 of fp32), and the table of per-seed figures and their mean ± sd is written to the "seeds" section of
 docs/benchmarks.md. Seeds that have not finished training are left out of the table and named.
+``gan_relu`` is the GAN recipe before its ReLUs were capped (seed 0: runs/models/gan_relu, seeds:
+runs/seeds/gan_s<seed>_relu), for comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,21 +28,52 @@ from docs_section import machine, write_section  # noqa: E402
 from make_models import RECIPES, recipe_steps  # noqa: E402
 
 METRICS = [("fcd", "FCD", 3), ("recall", "recall", 3), ("precision", "precision", 3),
-           ("min_class_fraction", "smallest class", 3), ("class_agreement", "class agreement", 3)]
+           ("min_class_fraction", "smallest class", 3), ("class_agreement", "class agreement", 3),
+           ("int8_within_2", "int8 pixels within 2/255 of fp32", 4)]
+
+
+# Earlier recipes, kept for comparison: the GAN before its ReLUs were capped.
+EARLIER = {"gan_relu": {**RECIPES["gan"], "act_clip": 0.0}}
+
+
+def _recipe(name: str) -> dict:
+    return RECIPES[name] if name in RECIPES else EARLIER[name]
+
+
+def _paths(name: str, seed: int) -> tuple[Path, Path]:
+    """(run folder, fp32 ONNX file) of seed ``seed`` of ``name``'s recipe: runs/models/gan for seed 0,
+    runs/seeds/gan_s1 for seed 1; an earlier recipe's tag follows the seed (runs/seeds/gan_s1_relu)."""
+    if seed == 0:
+        run = ROOT / "runs" / "models" / name
+    else:
+        base, _, tag = name.partition("_")
+        run = ROOT / "runs" / "seeds" / (f"{base}_s{seed}" + (f"_{tag}" if tag else ""))
+    return run, run.with_name(run.name + ".onnx")
 
 
 def score(name: str, seed: int, n: int) -> dict | None:
-    """Train (or resume) seed ``seed`` of ``name``'s recipe, export it, and return its eval figures."""
+    """Train (or resume) seed ``seed`` of ``name``'s recipe, export it, and return its eval figures
+    and the fraction of its int8 file's pixels within 2/255 of fp32 (``edgegen quantize``'s gate)."""
+    figures = _fp32_figures(name, seed, n)
+    if figures is not None and "int8_within_2" not in figures:
+        from edgegen.export import quantize_model
+
+        onnx_path = _paths(name, seed)[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = quantize_model(onnx_path, Path(tmp) / "int8.onnx", "int8", force=True, speed_gate=False)
+        figures["int8_within_2"] = meta.extra["gates"]["within_2_frac"]
+        onnx_path.with_suffix(".eval.json").write_text(json.dumps(figures))
+    return figures
+
+
+def _fp32_figures(name: str, seed: int, n: int) -> dict | None:
     from edgegen.export import export_run
     from edgegen.training.checkpoint import load_checkpoint
     from edgegen.training.evaluate import evaluate_target
     from edgegen.training.train import TrainOptions, train
 
-    recipe = RECIPES[name]
-    if seed == 0:
-        run, onnx_path = ROOT / "runs" / "models" / name, ROOT / "runs" / "models" / f"{name}.onnx"
-    else:
-        run, onnx_path = ROOT / "runs" / "seeds" / f"{name}_s{seed}", ROOT / "runs" / "seeds" / f"{name}_s{seed}.onnx"
+    recipe = _recipe(name)
+    run, onnx_path = _paths(name, seed)
     cache = onnx_path.with_suffix(".eval.json")
     if cache.exists() and onnx_path.exists() and cache.stat().st_mtime >= onnx_path.stat().st_mtime:
         return json.loads(cache.read_text())
@@ -49,7 +83,7 @@ def score(name: str, seed: int, n: int) -> dict | None:
         print(f"[{name}] seed {seed}: {run} was trained with an older recipe (act_clip); move it aside to retrain",
               flush=True)
         return None
-    if state is None or state["step"] < recipe_steps(RECIPES[name]):
+    if state is None or state["step"] < recipe_steps(_recipe(name)):
         if seed == 0:
             print(f"[{name}] seed 0: run `make models` first", flush=True)
             return None
@@ -93,7 +127,7 @@ def section(results: dict[str, dict[int, dict]], missing: list[str], n: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=["gan"], choices=sorted(RECIPES))
+    ap.add_argument("--models", nargs="*", default=["gan"], choices=sorted(RECIPES) + sorted(EARLIER))
     ap.add_argument("--seeds", nargs="*", type=int, default=[1, 2], help="extra seeds besides the shipped seed 0")
     ap.add_argument("-n", type=int, default=10_000)
     ap.add_argument("--eval-only", action="store_true", help="score finished seeds only; train nothing")
@@ -102,8 +136,7 @@ def main() -> None:
     for name in args.models:
         per_seed = {}
         for seed in [0, *args.seeds]:
-            run = ROOT / "runs" / ("models" if seed == 0 else "seeds") / (name if seed == 0 else f"{name}_s{seed}")
-            if args.eval_only and not _finished(run, name):
+            if args.eval_only and not _finished(_paths(name, seed)[0], name):
                 missing.append(f"{name} seed {seed}")
                 continue
             figures = score(name, seed, args.n)
@@ -121,7 +154,7 @@ def _finished(run: Path, name: str) -> bool:
     from edgegen.training.checkpoint import load_checkpoint
 
     last = run / "last.pt"
-    return last.exists() and load_checkpoint(last)["step"] >= recipe_steps(RECIPES[name])
+    return last.exists() and load_checkpoint(last)["step"] >= recipe_steps(_recipe(name))
 
 
 if __name__ == "__main__":
