@@ -169,7 +169,7 @@ def measure(work: Path, levers: bool) -> dict:
         # Timed alternately (the machine's load drifts): median and quartiles of the per-round ratio.
         for b in (1, 64):
             res[f"nhwc_off_speedup_b{b}"] = alternating_speedup(paths["int8"].read_bytes(), meta, b)
-        # Exact phase rewrite of the up-blocks (fp32): 0.44x their multiply-adds, same pixels.
+        # Exact phase rewrite of the up-blocks (fp32): 0.44x their multiply-adds, pixels equal up to float rounding.
         fp32 = paths["fp32"].read_bytes()
         feed = onnx_io.feeds(meta, *onnx_io.seeded_latents(meta, 256, 1))
         same = [onnx_io.session(x, THREADS).run(None, feed)[0] for x in (fp32, phased(fp32))]

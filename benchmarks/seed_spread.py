@@ -6,9 +6,9 @@ Seed 0 is the shipped model (runs/models/<name>, built by ``make models``). Ever
 the same recipe (``scripts/make_models.py``'s RECIPES, only the seed changed) into
 runs/seeds/<name>_s<seed>, resuming an interrupted run, and is exported to fp32 ONNX. Each model
 is scored with ``edgegen eval``'s protocol (10,000 samples against the 10,000 test images, seed 0)
-and by the int8 quality gate (its int8 file's pixels within 2/255 of fp32), and the table of per-seed figures and their mean ± sd is written to the "seeds" section of
-docs/benchmarks.md. Seeds that have not finished training are left out of the table and named.
-``gan_relu`` is the GAN recipe before its ReLUs were capped (seed 0: runs/models/gan_relu, seeds:
+and by the int8 quality gate (its int8 file's pixels within 2/255 of fp32); the table of per-seed
+figures and their mean ± sd is written to the "seeds" section of docs/benchmarks.md. Seeds that
+have not finished training are left out of the table and named. ``gan_relu`` is the GAN recipe before its ReLUs were capped (seed 0: runs/models/gan_relu, seeds:
 runs/seeds/gan_s<seed>_relu), for comparison.
 """
 
