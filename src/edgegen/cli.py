@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="int8 or fp16 copy of an exported model, behind quality and speed gates")
     p.add_argument("model", metavar="MODEL", help="fp32 .onnx written by edgegen export")
     p.add_argument("--mode", choices=["int8", "fp16"], default="int8",
-                   help="int8 (default): static QDQ, about 4x smaller and 2x faster than fp32; fp16: float16 weights, 2x smaller")
+                   help="int8 (default): static QDQ, about 4x smaller and 2x faster than fp32; "
+                        "fp16: float16 weights, 2x smaller")
     p.add_argument("--out", required=True, help="output .onnx")
     p.add_argument("--force", action="store_true", help="write the model even when a gate fails")
     p.set_defaults(func=_cmd_quantize)

@@ -50,10 +50,7 @@ def boundaries(model: onnx.ModelProto, activations: tuple[str, ...] = ("Relu",)
     """
     g = model.graph
     consts = {t.name: t for t in g.initializer}
-    users = defaultdict(list)
-    for n in g.node:
-        for x in n.input:
-            users[x].append(n)
+    users = _users(g)
     found = []
     for p in g.node:
         if p.op_type not in ("Gemm", "Conv") or len(p.input) < 3 or not {p.input[1], p.input[2]} <= consts.keys():
@@ -72,6 +69,15 @@ def boundaries(model: onnx.ModelProto, activations: tuple[str, ...] = ("Relu",)
                 and all(a.name != "group" or a.i == 1 for a in c[0].attribute)):
             found.append((p, relu, c[0]))
     return found
+
+
+def _users(graph: onnx.GraphProto) -> defaultdict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    users = defaultdict(list)
+    for n in graph.node:
+        for x in n.input:
+            users[x].append(n)
+    return users
 
 
 def _passes_channels(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> bool:
@@ -221,12 +227,7 @@ def round_linear(reference: onnx.ModelProto, qmodel: onnx.ModelProto, meta: Mode
     g = reference.graph
     inits = {t.name: t for t in g.initializer}
     qinits = {t.name: t for t in qmodel.graph.initializer}
-    users, producer = defaultdict(list), {}
-    for n in g.node:
-        for x in n.input:
-            users[x].append(n)
-        for o in n.output:
-            producer[o] = n
+    users, producer = _users(g), {o: n for n in g.node for o in n.output}
     for p, act_out, c in boundaries(reference, ACTIVATIONS):
         stored, scales = p.input[1] + "_q8", p.input[1] + "_s__fp16"
         if p.op_type != "Gemm" or not {stored, scales} <= qinits.keys():

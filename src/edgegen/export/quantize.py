@@ -47,12 +47,12 @@ Measured on the shipped models: all three pass every gate. A GAN with plain ReLU
 The cause is the ReLUs' rare peaks (10-13x their RMS), which set each activation's uint8 range;
 GANs now cap their ReLUs during training (``--act-clip``, default 3), which fixes that range at
 [0, 3]: 99.31 +- 0.02 % over seeds 0-2, at FCD 8.58 +- 0.34 against 8.40 +- 0.15 with plain ReLUs
-(docs/benchmarks.md, seed spread). Measured
-on the plain-ReLU GAN and not kept: clipping the calibrated ranges after training (0.9x MinMax:
-97.1 %, worst image 39 dB; 0.8x: 95.3 %; per activation, 0.5-0.9x: at most 97.6 %), quantization-
-aware fine-tuning of the int8 weights and biases against the fp32 model (straight-through
-rounding, 200 Adam steps of 64: 97.1-97.2 %), and fine-tuning the float generator against its own
-simulated uint8 activations (400-600 Adam steps: 97.3 %). Adding the cap to the trained model by
+(docs/benchmarks.md, seed spread). Measured on the plain-ReLU GAN and not kept: clipping the
+calibrated ranges after training (0.9x MinMax: 97.1 %, worst image 39 dB; 0.8x: 95.3 %; per
+activation, 0.5-0.9x: at most 97.6 %), quantization-aware fine-tuning of the int8 weights and
+biases against the fp32 model (straight-through rounding, 200 Adam steps of 64: 97.1-97.2 %), and
+fine-tuning the float generator against its own simulated uint8 activations (400-600 Adam steps:
+97.3 %). Adding the cap to the trained model by
 800 more GAN steps, instead of training with it, left its FCD worse (2,000 samples: 9.19 vs 8.94).
 """
 
