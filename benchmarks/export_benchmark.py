@@ -7,8 +7,8 @@ Every engine gets 2 intra-op threads (onnxruntime's spinning off, as edgegen's s
 Measures images/s at batch 1 and 64 (all engines timed back to back in rounds, so the shared
 machine's load drifts hit them alike), the multiply-adds/s achieved against this CPU's peaks, cold
 start (import onnxruntime, open the session, first image) in a fresh process that never imports
-torch, file sizes, and the levers (pixel-shuffle up-blocks, NHWC layout, exact phase rewrite, split
-output conv). Writes the
+torch, file sizes, and the levers (pixel-shuffle up-blocks, NHWC layout, exact phase rewrite, the
+AMX-capable conv path and the bare GEMM floor, split output conv). Writes the
 ``export`` section of docs/benchmarks.md between ``<!-- export:start -->`` and ``<!-- export:end -->``.
 
     python benchmarks/export_benchmark.py [--no-levers] [--sensitivity runs/models/gan.onnx] [--doc docs/benchmarks.md]
@@ -178,6 +178,14 @@ def measure(work: Path, levers: bool) -> dict:
         for b in (1, 64):
             ips = interleaved({"fp32": ort_runner(fp32, meta, b), "phased": ort_runner(fp32_phased, meta, b)}, b)
             res[f"phased_speedup_b{b}"] = quartiles(ips["phased"] / ips["fp32"])
+        # AMX lever: the same int8 model with a weight zero point, which sends QLinearConv from MLAS's
+        # VNNI indirect-conv kernel (symmetric weights) to im2col + its QGEMM, the path that can use AMX.
+        int8 = paths["int8"].read_bytes()
+        for b in (1, 64):
+            ips = interleaved({"sym": ort_runner(int8, meta, b), "zp": ort_runner(with_weight_zero_point(int8), meta, b)}, b)
+            res[f"amx_path_speedup_b{b}"] = quartiles(ips["zp"] / ips["sym"])
+        res["gemm"] = gemm_rates(gen)
+        res["gemm"].update({f"int8_b{b}_s": best_of(ort_runner(int8, meta, b)) for b in (1, 64)})
         # Output-layer lever (edgegen.export.layout): the split output conv against one plain conv.
         for b in (1, 64):
             ips = interleaved({f"{m}{v}": ort_runner(data, meta, b) for m in ("fp32", "int8")
@@ -212,6 +220,71 @@ def joined(model: bytes) -> bytes:
     del g.node[:]
     g.node.extend(nodes)
     return m.SerializeToString()
+
+
+def with_weight_zero_point(model: bytes) -> bytes:
+    """``model`` with each int8 conv weight ``w`` (symmetric, zero point 0) stored as ``w - 1`` with
+    zero point -1: the same function (symmetric weights are within +-127), but onnxruntime no longer
+    takes its symmetric-conv kernels."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.ModelProto.FromString(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        w = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is None or w.data_type != onnx.TensorProto.INT8 or len(n.input) > 2:
+            continue
+        q = numpy_helper.to_array(w).astype(np.int16) - 1
+        w.CopyFrom(numpy_helper.from_array(q.astype(np.int8), w.name))
+        scale = numpy_helper.to_array(inits[n.input[1]])
+        m.graph.initializer.append(numpy_helper.from_array(np.full(scale.shape, -1, np.int8), w.name + "_zp"))
+        n.input.append(w.name + "_zp")
+    return m.SerializeToString()
+
+
+def best_of(run, repeats: int = 20) -> float:
+    """Fastest of ``repeats`` timed calls of ``run`` (after two warm-up calls), in seconds."""
+    run(), run()
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_rates(gen, repeats: int = 20) -> dict:
+    """Multiply-adds/s of onnxruntime's bare GEMMs, best of ``repeats``: a 2048-cube fp32 MatMul and
+    u8 x s8 MatMulInteger (what this CPU's kernels reach at all), and MatMulInteger at the im2col
+    shape of each up-block conv of ``gen`` at batch 1 and 64 (an int8 conv cannot beat its GEMM)."""
+    from onnx import helper, numpy_helper
+
+    from edgegen.export import onnx_io
+
+    def rate(m: int, k: int, n: int, dtype) -> tuple[float, float]:
+        rng = np.random.default_rng(0)
+        integer = dtype == np.uint8
+        w = rng.integers(-100, 100, (k, n)).astype(np.int8) if integer else rng.standard_normal((k, n)).astype(np.float32)
+        a = rng.integers(0, 255, (m, k)).astype(np.uint8) if integer else rng.standard_normal((m, k)).astype(np.float32)
+        node = helper.make_node("MatMulInteger" if integer else "MatMul", ["a", "w"], ["y"])
+        a_info = helper.make_tensor_value_info("a", helper.np_dtype_to_tensor_dtype(a.dtype), [m, k])
+        graph = helper.make_graph([node], "gemm", [a_info], [helper.make_empty_tensor_value_info("y")],
+                                  [numpy_helper.from_array(w, "w")])
+        sess = onnx_io.session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), THREADS)
+        best = best_of(lambda: sess.run(None, {"a": a}), repeats)
+        return m * k * n / best, best
+
+    out = {"fp32_2048": rate(2048, 2048, 2048, np.float32)[0], "int8_2048": rate(2048, 2048, 2048, np.uint8)[0]}
+    side = gen.cfg.image_size // 2 ** len(gen.blocks)                        # the first block's input side
+    for b in (1, 64):
+        layers = []
+        for i, block in enumerate(gen.blocks):
+            o, c, kh, kw = block.conv.weight.shape
+            hw = (2 * side * 2 ** i) ** 2                                    # output pixels (after the x2 resize)
+            layers.append(rate(b * hw, c * kh * kw, o, np.uint8)[1])
+        out[f"layers_b{b}_s"] = layers
+    return out
 
 
 def phased(model: bytes) -> bytes:
@@ -428,6 +501,23 @@ def section(r: dict) -> str:
             f"0.44x the up-blocks' multiply-adds, largest pixel difference {r['phased_max_pixel_diff']}; fp32 speed "
             f"rewritten / as exported, median (quartiles) of 15 interleaved rounds: {ph(1)} at batch 1, {ph(64)} at "
             "batch 64. At batch 1 the interleave (Concat + DepthToSpace) costs more than the convs save.",
+        ]
+    if "gemm" in r:
+        gm, amx = r["gemm"], lambda b: "{:.2f}x ({:.2f}-{:.2f})".format(*r[f"amx_path_speedup_b{b}"])
+        floor = lambda b: " + ".join(f"{1e6 * t / b:.0f}" for t in gm[f"layers_b{b}_s"]) + \
+            f" = {1e6 * sum(gm[f'layers_b{b}_s']) / b:.0f} us"
+        lines += [
+            f"- Kernel lever (AMX): onnxruntime's MLAS uses AMX-int8 on this CPU for large GEMMs: a 2048-cube "
+            f"u8 x s8 MatMulInteger runs at {gm['int8_2048'] / 1e9:,.0f} G multiply-adds/s and a 2048-cube fp32 MatMul "
+            f"at {gm['fp32_2048'] / 1e9:.0f} G/s (best of 20 each), {gm['int8_2048'] / gm['fp32_2048']:.1f}x apart, where "
+            f"AVX-512 VNNI alone allows {VNNI_MACS_CYCLE // FP32_MACS_CYCLE}x ({VNNI_MACS_CYCLE} against "
+            f"{FP32_MACS_CYCLE} multiply-adds per cycle). QLinearConv with symmetric int8 weights, as edgegen writes "
+            "them, runs MLAS's VNNI indirect-conv kernel; the same model with a weight zero point (-1: same pixels) "
+            f"takes the im2col + QGEMM path that can use AMX: speed {amx(1)} at batch 1, {amx(64)} at batch 64 "
+            "(median (quartiles) of 15 interleaved rounds, against the model as written).",
+            f"- The up-block convs' GEMM floor: a bare MatMulInteger of each up-block's im2col shape (best of 20) takes "
+            f"{floor(1)} per image at batch 1, {floor(64)} per image at batch 64, against "
+            f"{1e6 * gm['int8_b1_s']:.0f} us and {1e6 * gm['int8_b64_s'] / 64:.0f} us for a whole int8 image (best of 20).",
         ]
     if "split_speedup_b1" in r:
         sp = lambda b, m: "{:.2f}x ({:.2f}-{:.2f})".format(*r[f"split_speedup_b{b}"][m])

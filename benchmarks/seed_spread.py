@@ -8,8 +8,9 @@ runs/seeds/<name>_s<seed>, resuming an interrupted run, and is exported to fp32 
 is scored with ``edgegen eval``'s protocol (10,000 samples against the 10,000 test images, seed 0)
 and by the int8 quality gate (its int8 file's pixels within 2/255 of fp32); the table of per-seed
 figures and their mean ± sd is written to the "seeds" section of docs/benchmarks.md. Seeds that
-have not finished training are left out of the table and named. ``gan_relu`` is the GAN recipe before its ReLUs were capped (seed 0: runs/models/gan_relu, seeds:
-runs/seeds/gan_s<seed>_relu), for comparison.
+have not finished training are left out of the table and named. Variants: ``gan_relu`` is the GAN
+recipe before its ReLUs were capped, for comparison; ``conditional_cap`` the conditional GAN with
+capped ReLUs, a candidate (seed 0: runs/models/<variant>, seeds: runs/seeds/gan_s<seed>_relu).
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ METRICS = [("fcd", "FCD", 3, 1), ("recall", "recall", 3, 1), ("precision", "prec
            ("int8_within_2", "int8 pixels within 2/255 of fp32, % (gate 99)", 2, 100)]
 
 
-# Earlier recipes, kept for comparison: the GAN before its ReLUs were capped.
-EARLIER = {"gan_relu": {**RECIPES["gan"], "act_clip": 0.0}}
+# Recipe variants beside the shipped ones: the GAN before its ReLUs were capped (for comparison), and
+# the conditional GAN with capped ReLUs (a candidate: its recipe still uses plain ReLUs).
+VARIANTS = {"gan_relu": {**RECIPES["gan"], "act_clip": 0.0},
+            "conditional_cap": {**RECIPES["conditional"], "act_clip": 3.0}}
 
 
 def _recipe(name: str) -> dict:
-    return RECIPES[name] if name in RECIPES else EARLIER[name]
+    return RECIPES[name] if name in RECIPES else VARIANTS[name]
 
 
 def _paths(name: str, seed: int) -> tuple[Path, Path]:
@@ -106,7 +109,9 @@ def section(results: dict[str, dict[int, dict]], missing: list[str], n: int) -> 
              f"({n:,} samples against the test split), and its int8 file as `edgegen quantize` writes it against the "
              "fp32 file (the quality gate's 256 latents). Figures are mean ± sd over the seeds, per-seed values "
              "in brackets." + (" `gan_relu` is the GAN recipe before the activation cap (plain ReLUs), for comparison."
-                              if "gan_relu" in results else ""), "",
+                              if "gan_relu" in results else "")
+             + (" `conditional_cap` is the conditional recipe with the cap, a candidate (not shipped)."
+                if "conditional_cap" in results else ""), "",
              "| model | seeds | " + " | ".join(m[1] for m in METRICS) + " |",
              "|---|---|" + "---:|" * len(METRICS)]
     for name, per_seed in results.items():
@@ -130,7 +135,7 @@ def section(results: dict[str, dict[int, dict]], missing: list[str], n: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=["gan"], choices=sorted(RECIPES) + sorted(EARLIER))
+    ap.add_argument("--models", nargs="*", default=["gan"], choices=sorted(RECIPES) + sorted(VARIANTS))
     ap.add_argument("--seeds", nargs="*", type=int, default=[1, 2], help="extra seeds besides the shipped seed 0")
     ap.add_argument("-n", type=int, default=10_000)
     ap.add_argument("--eval-only", action="store_true", help="score finished seeds only; train nothing")

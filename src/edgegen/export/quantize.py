@@ -4,8 +4,10 @@ int8 -- format and float islands chosen by measurement on this CPU (see docs/ben
   * QDQ format (QuantizeLinear/DequantizeLinear around float ops): standard ``ai.onnx`` ops only,
     so any runtime loads it; onnxruntime fuses each DQ -> Conv -> Q into QLinearConv at session
     start, which :func:`quantize_model` proves by counting the ops of the graph onnxruntime runs.
-  * uint8 activations (per tensor, asymmetric) x int8 weights (symmetric): the u8s8 pairing the
-    VNNI / AMX kernels of MLAS take. Conv weights per output channel. Conv biases stay float32 in
+  * uint8 activations (per tensor, asymmetric) x int8 weights (symmetric): with symmetric weights
+    QLinearConv runs MLAS's VNNI indirect-conv kernel, which beats the im2col + GEMM path (AMX-capable
+    on this CPU) that weights with a zero point take (docs/benchmarks.md, export section: 0.82x at
+    batch 1, about even at batch 64). Conv weights per output channel. Conv biases stay float32 in
     the file (onnxruntime makes them int32 at load; measured on 2,000 images: identical pixels for
     the GAN and VAE, at most 2/255 apart for the conditional GAN): an int32 bias needs its own
     per-channel scale beside it, twice the bytes.

@@ -3,7 +3,7 @@
 Generator: z (N, latent) -> Linear -> (N, C0, s0, s0) -> [upsample x2 -> Conv3x3 -> BN -> ReLU] x n
 -> Conv3x3 -> tanh -> (N, C, H, W) in [-1, 1].
 
-Why this shape: onnxruntime's CPU int8 path runs Conv as QLinearConv on VNNI/AMX kernels but a
+Why this shape: onnxruntime's CPU int8 path runs Conv as QLinearConv on int8 (VNNI) kernels but a
 quantized ConvTranspose falls back to float, so we upsample by nearest-neighbour resize (or pixel
 shuffle) followed by a plain Conv; that also avoids checkerboard artefacts. Every conv is followed
 directly by BatchNorm (conv has no bias) so export folds BN into the conv weights. The ReLUs may be
