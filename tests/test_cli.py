@@ -173,3 +173,19 @@ def test_npz_shards_from_generate_are_detected_and_audited(tmp_path, monkeypatch
     (out / "shard-000001.npz").write_bytes(b"not npz")
     assert main(["watermark", "detect", str(out)]) == 1
     assert "shard-000001.npz: not an edgegen npz shard" in capsys.readouterr().out
+
+
+def test_every_option_and_argument_says_what_it_does():
+    import argparse
+
+    def undocumented(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += undocumented(sub, f"{path} {name}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return missing
+
+    assert undocumented(cli.build_parser(), "edgegen") == []

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a GAN, VAE or the evaluation classifier")
-    p.add_argument("kind", choices=["gan", "vae", "classifier"])
+    p.add_argument("kind", choices=["gan", "vae", "classifier"],
+                   help="what to train: a GAN or VAE generator, or the evaluation classifier")
     _add_data_args(p)
     p.add_argument("--out", required=True, help="run folder (checkpoints, samples, metrics)")
     p.add_argument("--minutes", type=float, help="training time budget (wall clock, across resumes)")
@@ -332,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run folder, ONNX model, bundled model name, or folder of images")
     p.add_argument("--data", default="fashion-mnist", help="reference data (its test split)")
     p.add_argument("-n", type=int, help="samples to draw from a run or model (default 10,000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples drawn (default 0)")
     p.add_argument("--classifier", help="classifier checkpoint (default: the bundled Fashion-MNIST one)")
     p.add_argument("--label", type=int, help="only this class (conditional models)")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -364,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
     p.add_argument("--format", choices=["png", "npz"], default="png", help="PNG files or one .npz per shard")
     p.add_argument("--shard-size", type=int, default=1024, help="images per atomic shard (default 1024)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="run here (default), or spread the shards over a Ray cluster's actors")
     p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local Ray)")
     p.add_argument("--actors", type=int, help="Ray actors, each with its own session (default 1)")
     p.add_argument("--key", help="watermark key file (default: $EDGEGEN_WATERMARK_KEY)")
