@@ -149,17 +149,28 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, mode
     out_encoder = out.with_name(out.stem + ".encoder.onnx")
     if meta.kind == "vae-decoder" and encoder.is_file():
         extra["encoder"] = out_encoder.name
-    fingerprint = onnx_io.graph_fingerprint(qmodel)
-    while True:   # the size figures describe the file they are stamped into (a digit may change once)
-        qmeta = replace(meta, quantization=mode, model_fingerprint=fingerprint, extra=extra)
-        size = onnx_io.stamp(qmodel, qmeta).ByteSize()
-        if figures.get("size_bytes") == size:
-            break
-        figures["size_bytes"], figures["size_ratio_vs_fp32"] = size, round(src.stat().st_size / size, 3)
+    qmeta = _stamp_sizes(qmodel, replace(meta, quantization=mode, model_fingerprint=onnx_io.graph_fingerprint(qmodel),
+                                         extra=extra), figures, src.stat().st_size)
     if meta.kind == "vae-decoder" and encoder.is_file() and out_encoder.resolve() != encoder.resolve():
         write_bytes_atomic(out_encoder, encoder.read_bytes())      # before the decoder that names it
     onnx_io.write_model(qmodel, out)
     return qmeta
+
+
+def _stamp_sizes(model: onnx.ModelProto, meta: ModelMeta, figures: dict, fp32_size: int) -> ModelMeta:
+    """Stamp ``meta`` into ``model`` with ``figures`` (its gates, part of ``meta.extra``) holding the
+    stamped file's own size and its ratio to ``fp32_size``; returns the stamped metadata.
+
+    Writing the figures changes the size by a digit or two, which can change the rounded ratio's
+    length back: a two-cycle. A fixed point is then found with one more decimal of the ratio.
+    """
+    for digits in (3, 4, 5, 6):
+        for _ in range(3):
+            size = onnx_io.stamp(model, meta).ByteSize()
+            if figures.get("size_bytes") == size:
+                return meta
+            figures["size_bytes"], figures["size_ratio_vs_fp32"] = size, round(fp32_size / size, digits)
+    raise EdgegenError("could not stamp the file's own size into its metadata")   # never seen
 
 
 # ----------------------------------------------------------------------------- int8
