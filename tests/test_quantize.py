@@ -126,6 +126,26 @@ def test_int8_metadata_and_quality(fp32, int8):
     assert np.array_equal(_run(path, z[4:5])[0], b[4])      # int8 is batch independent too
 
 
+def test_the_stamped_size_is_the_files_own_for_any_fp32_size(int8):
+    """Stamping the size can change the ratio's rounding and back (a two-cycle that once hung
+    quantization): for every fp32 size the stamped figures describe the stamped file exactly."""
+    from dataclasses import replace
+
+    from edgegen.export.quantize import _stamp_sizes
+
+    path, meta = int8
+    model = onnx.load(path)
+    size = model.ByteSize()
+    more_digits = 0
+    for fp32_size in range(4 * size, 4 * size + 3000, 7):
+        figures = {"within_2_frac": 0.99}
+        stamped = _stamp_sizes(model, replace(meta, extra={**meta.extra, "gates": figures}), figures, fp32_size)
+        assert model.ByteSize() == figures["size_bytes"] and stamped.extra["gates"] is figures
+        assert abs(figures["size_ratio_vs_fp32"] - fp32_size / figures["size_bytes"]) < 5e-4
+        more_digits += round(fp32_size / figures["size_bytes"], 3) != figures["size_ratio_vs_fp32"]
+    assert more_digits > 0          # the range holds sizes whose 3-decimal ratio never settles
+
+
 def test_broken_calibration_is_refused(fp32, tmp_path):
     z = np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32) * 0.05   # ranges far too small
     out = tmp_path / "broken.onnx"
