@@ -40,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, resume=args.resume, skip_bad=args.skip_bad,
         checkpoint_minutes=args.checkpoint_minutes, width=args.width, latent_dim=args.latent_dim,
         lr=args.lr, beta=args.beta, mode_seeking=args.mode_seeking, upsample=args.upsample,
-        act_clip=args.act_clip, progress=not args.quiet,
+        act_clip=args.act_clip, clusters=args.clusters, progress=not args.quiet,
     )
     train(opts)
     return 0
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-clip", type=float,
                    help="GAN: cap of the generator's ReLUs, so its int8 export keeps more precision "
                         "(default 3; 0: plain ReLUs)")
+    p.add_argument("--clusters", type=int, default=0,
+                   help="GAN: self-condition on this many clusters of the training images, found without "
+                        "labels; the model stays unconditional (default 0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

@@ -138,6 +138,8 @@ def _export_generator(model: Generator | VAE, gen: Generator, *, expost_used: bo
                      class_names=class_names if cfg.conditional else (), conditional=cfg.conditional,
                      sampling="expost" if expost_used else "prior", **common)
     figures = _verify_generator(model, proto, meta, expost_used, parity_tol)
+    if getattr(cfg, "cluster_freq", None):   # self-conditioned GAN: z's last coordinate draws the cluster
+        extra = {**extra, "clusters": len(cfg.cluster_freq)}
     meta = ModelMeta(**{**meta.__dict__, "parity_max_abs": figures.pop("parity_max_abs"),
                         "extra": {**extra, **figures, "macs_per_image": _macs(gen), "opset": OPSET}})
     return _finish(proto, meta, kind)

@@ -50,6 +50,7 @@ MODE_SEEKING_CONDITIONAL = 0.2
 # (gate: 99 %), at FCD 8.58 +- 0.34 against plain ReLUs' 8.40 +- 0.15. A cap of 4 (one seed: activation
 # cap section) trained to FCD 7.82 but its int8 keeps only 98.89 %.
 GAN_ACT_CLIP = 3.0
+MAX_CLUSTERS = 1000
 
 
 @dataclass
@@ -72,9 +73,10 @@ class TrainOptions:
     latent_dim: int | None = None
     lr: float | None = None
     beta: float = 1.0
-    mode_seeking: float | None = None  # GAN: mode-seeking weight (MSGAN); default 0.2 if conditional, else 0
+    mode_seeking: float | None = None  # GAN: mode-seeking weight (MSGAN); default 0.2 if (self-)conditional, else 0
     upsample: str = "nearest"
     act_clip: float | None = None      # GAN: cap of G's ReLUs (0: none); default GAN_ACT_CLIP; see models.gan.activation
+    clusters: int = 0                  # GAN: self-condition on this many label-free clusters (training.clusters)
     progress: bool = True
     quality_samples: int = 2000        # samples for the checkpoint-time FCD (best.pt selection)
     log_every: int = 50                # steps between metrics.jsonl lines
@@ -104,12 +106,18 @@ class GANTask:
         self.mode_seeking = opts.mode_seeking
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None, step: int) -> dict[str, float]:
-        n = len(x)
+        n, h = len(x), len(x) // 2
         z = torch.randn(n, self.cfg.latent_dim, generator=self.rng).to(self.device)
         yf = (torch.randint(0, self.cfg.num_classes, (n,), generator=self.rng).to(self.device)
               if self.cfg.conditional else None)
-        if self.mode_seeking and yf is not None:   # pairs (i, i + n/2) share a label for the mode-seeking term
-            yf[n - n // 2:] = yf[: n // 2]
+        # Pairs (i, i + n/2) share a label for the mode-seeking term; a self-conditioned G draws its
+        # cluster from z's last coordinate, so the pairs share that coordinate.
+        if self.mode_seeking and yf is not None:
+            yf[n - h:] = yf[:h]
+        if self.cfg.cluster_freq:
+            if self.mode_seeking:
+                z[n - h:, -1] = z[:h, -1]
+            yf = self.G.cluster_of(z)
         fake = self.G(z, yf)                                          # (N, C, H, W)
         d_loss = hinge_d_loss(self.D(x, y), self.D(fake.detach(), yf))
         self.opt_d.zero_grad(set_to_none=True)
@@ -120,7 +128,6 @@ class GANTask:
         if self.mode_seeking:
             # MSGAN (Mao et al. 2019): two latents with the same label must give images as far apart
             # as the latents are; G minimises the inverse ratio, so collapsing a class costs it.
-            h = n // 2
             ratio = ((fake[:h] - fake[n - h:]).abs().mean(dim=(1, 2, 3))
                      / (z[:h] - z[n - h:]).abs().mean(dim=1)).mean()
             g_loss = g_loss + self.mode_seeking / (ratio + 1e-5)
@@ -270,9 +277,13 @@ def check_options(opts: TrainOptions) -> None:
         raise EdgegenError(f"--size must be 28, 32 or 64, got {opts.size}")
     if opts.channels not in (None, 1, 3):
         raise EdgegenError(f"--channels must be 1 or 3, got {opts.channels}")
+    if opts.clusters and (opts.kind != "gan" or opts.conditional):
+        raise EdgegenError("--clusters applies to unconditional GANs (it replaces labels, not adds to them)")
+    if opts.clusters < 0 or opts.clusters == 1 or opts.clusters > MAX_CLUSTERS:
+        raise EdgegenError(f"--clusters must be 0 (off) or 2..{MAX_CLUSTERS}, got {opts.clusters}")
 
 
-def _model_config(opts: TrainOptions, data: ImageDataset) -> dict:
+def _model_config(opts: TrainOptions, data: ImageDataset, cluster_freq: list[float]) -> dict:
     channels = data.image_shape[2]
     k = data.num_classes if opts.conditional else 0
     if opts.conditional and not k:
@@ -281,7 +292,7 @@ def _model_config(opts: TrainOptions, data: ImageDataset) -> dict:
     if opts.kind == "gan":
         d_width = {"d_width": opts.width} if opts.width else {}  # --width scales both networks
         return GANConfig(image_size=opts.size, channels=channels, num_classes=k, upsample=opts.upsample,
-                         act_clip=opts.act_clip, **extra, **d_width).to_dict()
+                         act_clip=opts.act_clip, cluster_freq=cluster_freq, **extra, **d_width).to_dict()
     if opts.kind == "vae":
         return VAEConfig(image_size=opts.size, channels=channels, num_classes=k, upsample=opts.upsample,
                          beta=opts.beta, **extra).to_dict()
@@ -371,8 +382,10 @@ def train(opts: TrainOptions) -> Path:
     if opts.mode_seeking is None:
         # Measured (docs/benchmarks.md, models): without it the conditional GAN collapses to one image
         # per class (recall 0.01); 0.2 keeps class agreement at 0.90 with recall 0.6 (0.3: more diverse,
-        # agreement 0.88). The unconditional GAN trained no better with it (0.3), so it stays off there.
-        opts.mode_seeking = MODE_SEEKING_CONDITIONAL if opts.kind == "gan" and opts.conditional else 0.0
+        # agreement 0.88). The unconditional GAN trained no better with it (0.3), so it stays off there;
+        # a self-conditioned GAN trains as a conditional one on its clusters, and gets it too.
+        opts.mode_seeking = (MODE_SEEKING_CONDITIONAL if opts.kind == "gan" and (opts.conditional or opts.clusters)
+                             else 0.0)
     if opts.act_clip is None:
         opts.act_clip = GAN_ACT_CLIP if opts.kind == "gan" else 0.0
 
@@ -387,7 +400,14 @@ def train(opts: TrainOptions) -> Path:
     # Everything that can fail on bad input happens before the run folder is made: no half-made runs.
     device = _resolve_device(opts.device)
     torch.manual_seed(opts.seed)
-    model_config = state["model_config"] if state else _model_config(opts, data)
+    clusters = None
+    if opts.clusters:   # self-conditioning: cluster ids stand in for labels (kept with the run, for resuming)
+        from edgegen.training.clusters import find_clusters
+
+        clusters = (state["cluster_labels"].long().numpy() if state else
+                    find_clusters(data.images, opts.clusters, opts.seed).labels)
+    freq = [] if clusters is None else (np.bincount(clusters, minlength=opts.clusters) / len(clusters)).tolist()
+    model_config = state["model_config"] if state else _model_config(opts, data, freq)
     task = _make_task(opts.kind, model_config, opts, device, data)
     test = _test_split(opts, data)
     quality = _QualityProbe(opts, test, data.name)
@@ -408,7 +428,8 @@ def train(opts: TrainOptions) -> Path:
             index.save(out / "train.idx")
 
     images_u8 = torch.from_numpy(data.images)                         # (N, H, W, C) uint8, stays on CPU
-    labels = torch.from_numpy(data.labels) if data.labels is not None else None
+    labels = clusters if clusters is not None else data.labels
+    labels = torch.from_numpy(labels) if labels is not None else None
     steps_per_epoch = len(data) // opts.batch_size
     total_steps = math.ceil(opts.epochs * steps_per_epoch) if opts.epochs else None
     budget = opts.minutes * 60 if opts.minutes else None
@@ -425,6 +446,8 @@ def train(opts: TrainOptions) -> Path:
         ckpt = {"kind": opts.kind, "step": step, "elapsed": elapsed, "model_config": model_config,
                 "train_config": asdict(opts), "data": data_info, "metrics": metrics,
                 "torch_rng": torch.get_rng_state(), **task.state()}
+        if clusters is not None:
+            ckpt["cluster_labels"] = torch.from_numpy(clusters.astype(np.int16))
         value = metrics.get(task.metric_name)
         better = value is not None and (best is None or (value > best if task.metric_higher_better else value < best))
         if better:

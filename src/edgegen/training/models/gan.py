@@ -15,7 +15,8 @@ conditioning (Miyato & Koyama 2018).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,9 @@ class GANConfig:
     upsample: str = "nearest"     # "nearest" (resize + conv) or "pixelshuffle" (conv + depth-to-space)
     d_width: int = 32
     act_clip: float = 0.0         # > 0: G's activations are min(relu(x), act_clip) (int8-friendly, see below)
+    # Self-conditioning (training.clusters): each label-free cluster's share of the training images.
+    # Non-empty: G and D are conditioned on the cluster, and G draws it from its own latent (cluster_of).
+    cluster_freq: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.image_size not in (28, 32, 64):
@@ -43,10 +47,18 @@ class GANConfig:
             raise ValueError(f"upsample must be nearest or pixelshuffle, got {self.upsample}")
         if self.act_clip < 0:
             raise ValueError(f"act_clip must be >= 0, got {self.act_clip}")
+        if self.cluster_freq and self.num_classes:
+            raise ValueError("a GAN is either class-conditional or self-conditioned, not both")
 
     @property
     def conditional(self) -> bool:
+        """Takes a class label as input (self-conditioned GANs do not: they draw their cluster)."""
         return self.num_classes > 0
+
+    @property
+    def groups(self) -> int:
+        """Classes or clusters that G's label embedding and D's projection are conditioned on (0: none)."""
+        return self.num_classes or len(self.cluster_freq)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,18 +107,29 @@ class Generator(nn.Module):
         self.cfg = cfg
         s0, n_up = _plan(cfg.image_size)
         chans = [cfg.width * 2 ** (n_up - i) for i in range(n_up + 1)]  # e.g. 256,128,64,32 for 32 px
-        in_dim = cfg.latent_dim * (2 if cfg.conditional else 1)
-        self.embed = nn.Embedding(cfg.num_classes, cfg.latent_dim) if cfg.conditional else None
+        in_dim = cfg.latent_dim * (2 if cfg.groups else 1)
+        self.embed = nn.Embedding(cfg.groups, cfg.latent_dim) if cfg.groups else None
+        # Self-conditioned: the cluster is the bucket of z's last coordinate between the N(0, 1)
+        # quantiles of the clusters' cumulative shares, so clusters come out in their training shares.
+        cum = torch.tensor(cfg.cluster_freq, dtype=torch.float64).cumsum(0)[:-1].clamp(1e-12, 1 - 1e-12)
+        edges = torch.tensor([NormalDist().inv_cdf(float(c)) for c in cum], dtype=torch.float32)   # (k - 1,)
+        self.register_buffer("cluster_edges", edges, persistent=False)
         self.fc = nn.Linear(in_dim, chans[0] * s0 * s0, bias=False)
         self.bn0 = nn.BatchNorm1d(chans[0] * s0 * s0)
         self.blocks = nn.Sequential(*[UpBlock(chans[i], chans[i + 1], cfg.upsample, cfg.act_clip) for i in range(n_up)])
         self.out = nn.Conv2d(chans[-1], cfg.channels, 3, padding=1)
         self.s0, self.c0 = s0, chans[0]
 
+    def cluster_of(self, z: torch.Tensor) -> torch.Tensor:
+        """Cluster drawn by latents z (N, latent) of a self-conditioned generator: (N,) int64."""
+        return (z[:, -1:] > self.cluster_edges).sum(dim=1)                 # (N, k-1) bool -> (N,)
+
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
-            if label is None:
+            if label is None and not self.cfg.cluster_freq:
                 raise ValueError("conditional generator needs labels")
+            if label is None:
+                label = self.cluster_of(z)
             z = torch.cat([z, self.embed(label)], dim=1)          # (N, 2*latent)
         h = activation(self.bn0(self.fc(z)), self.cfg.act_clip)    # (N, C0*s0*s0)
         h = h.view(-1, self.c0, self.s0, self.s0)                  # (N, C0, s0, s0)
@@ -129,7 +152,7 @@ class Discriminator(nn.Module):
             c, side = 2 * c, (side - 2) // 2 + 1
         self.features = nn.Sequential(*layers)
         self.head = spectral_norm(nn.Linear(c, 1))
-        self.embed = spectral_norm(nn.Embedding(cfg.num_classes, c)) if cfg.conditional else None
+        self.embed = spectral_norm(nn.Embedding(cfg.groups, c)) if cfg.groups else None
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x).sum(dim=(2, 3))                       # (N, c) global sum pool
