@@ -257,7 +257,7 @@ def best_of(run, repeats: int = 20) -> float:
 def gemm_rates(gen, repeats: int = 20) -> dict:
     """Multiply-adds/s of onnxruntime's bare GEMMs, best of ``repeats``: a 2048-cube fp32 MatMul and
     u8 x s8 MatMulInteger (what this CPU's kernels reach at all), and MatMulInteger at the im2col
-    shape of each up-block conv of ``gen`` at batch 1 and 64 (an int8 conv cannot beat its GEMM)."""
+    shape of each up-block conv of ``gen`` at batch 1 and 64 (its multiply-adds as one plain GEMM)."""
     from onnx import helper, numpy_helper
 
     from edgegen.export import onnx_io
