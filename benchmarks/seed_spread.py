@@ -10,7 +10,8 @@ and by the int8 quality gate (its int8 file's pixels within 2/255 of fp32); the 
 figures and their mean ± sd is written to the "seeds" section of docs/benchmarks.md. Seeds that
 have not finished training are left out of the table and named. Variants: ``gan_relu`` is the GAN
 recipe before its ReLUs were capped, for comparison; ``conditional_cap`` the conditional GAN with
-capped ReLUs, a candidate (seed 0: runs/models/<variant>, seeds: runs/seeds/gan_s<seed>_relu).
+capped ReLUs, a candidate (seed 0: runs/models/<variant>; seeds: runs/seeds/gan_s<seed>_relu,
+runs/seeds/conditional_s<seed>_cap).
 """
 
 from __future__ import annotations

@@ -50,10 +50,10 @@ def main() -> None:
     recipe = RECIPES["gan"]
     shipped = ROOT / "runs" / "models" / "gan"
     rows = {"shipped (no clusters)": measure(shipped, shipped.with_suffix(".onnx"), args.n)}
+    steps = recipe_steps({**recipe, "epochs": args.epochs})
     for k in args.clusters:
         run = ROOT / "runs" / "selfcond" / f"k{k}"
         last = run / "last.pt"
-        steps = recipe_steps({**recipe, "epochs": args.epochs})
         if not last.exists() or load_checkpoint(last)["step"] < steps:
             train(TrainOptions(out=str(run), size=32, checkpoint_minutes=3.0, progress=False,
                                resume=last.exists(), **{**recipe, "epochs": args.epochs, "clusters": k}))

@@ -400,13 +400,15 @@ def train(opts: TrainOptions) -> Path:
     # Everything that can fail on bad input happens before the run folder is made: no half-made runs.
     device = _resolve_device(opts.device)
     torch.manual_seed(opts.seed)
-    clusters = None
-    if opts.clusters:   # self-conditioning: cluster ids stand in for labels (kept with the run, for resuming)
+    # Self-conditioning: cluster ids stand in for labels; they are kept with the run, for resuming.
+    clusters, freq = None, []
+    if opts.clusters and state:
+        clusters = state["cluster_labels"].long().numpy()
+    elif opts.clusters:
         from edgegen.training.clusters import find_clusters
 
-        clusters = (state["cluster_labels"].long().numpy() if state else
-                    find_clusters(data.images, opts.clusters, opts.seed).labels)
-    freq = [] if clusters is None else (np.bincount(clusters, minlength=opts.clusters) / len(clusters)).tolist()
+        found = find_clusters(data.images, opts.clusters, opts.seed)
+        clusters, freq = found.labels, found.freq.tolist()
     model_config = state["model_config"] if state else _model_config(opts, data, freq)
     task = _make_task(opts.kind, model_config, opts, device, data)
     test = _test_split(opts, data)
@@ -430,6 +432,7 @@ def train(opts: TrainOptions) -> Path:
     images_u8 = torch.from_numpy(data.images)                         # (N, H, W, C) uint8, stays on CPU
     labels = clusters if clusters is not None else data.labels
     labels = torch.from_numpy(labels) if labels is not None else None
+    saved_clusters = {} if clusters is None else {"cluster_labels": torch.from_numpy(clusters.astype(np.int16))}
     steps_per_epoch = len(data) // opts.batch_size
     total_steps = math.ceil(opts.epochs * steps_per_epoch) if opts.epochs else None
     budget = opts.minutes * 60 if opts.minutes else None
@@ -445,9 +448,7 @@ def train(opts: TrainOptions) -> Path:
         metrics = quality.measure(task, model)
         ckpt = {"kind": opts.kind, "step": step, "elapsed": elapsed, "model_config": model_config,
                 "train_config": asdict(opts), "data": data_info, "metrics": metrics,
-                "torch_rng": torch.get_rng_state(), **task.state()}
-        if clusters is not None:
-            ckpt["cluster_labels"] = torch.from_numpy(clusters.astype(np.int16))
+                "torch_rng": torch.get_rng_state(), **task.state(), **saved_clusters}
         value = metrics.get(task.metric_name)
         better = value is not None and (best is None or (value > best if task.metric_higher_better else value < best))
         if better:
