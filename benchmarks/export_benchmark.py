@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,18 +29,35 @@ from pathlib import Path
 
 import numpy as np
 
-from docs_section import write_section
+from docs_section import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
-GHZ, CORES = 2.1, 2          # lscpu: 2 vCPUs at 2.1 GHz (AVX-512 VNNI, AMX-int8)
-VNNI_MACS_CYCLE = 128        # vpdpbusd: 64 u8*s8 MACs per instruction, 2 FMA ports
-AMX_MACS_CYCLE = 1024        # TMUL: 16x64 by 64x16 int8 tile product, 16 cycles -> 1024 MACs/cycle
-FP32_MACS_CYCLE = 32         # 2 AVX-512 FMA ports x 16 float lanes
 
 
-def build(work: Path, upsample: str = "nearest"):
-    """Seeded default GAN -> fp32, int8, fp16 files; returns (generator, paths, int8 meta)."""
+def cpu_peaks() -> dict:
+    """This CPU's nominal multiply-adds per cycle and core, from /proc/cpuinfo (the clock is the one the
+    VM reports; turbo may run above it).
+
+    fp32: two FMA pipes of 16 float lanes (AVX-512) or 8 (AVX2); AMD's Zen 4 runs AVX-512 on two
+    256-bit pipes, so 8 lanes there. int8 VNNI (vpdpbusd: 4 u8 x s8 products per 32-bit lane) on
+    the same pipes: 4x fp32. AMX-int8 (Intel only): a 16x64 by 64x16 tile product per 16 cycles,
+    1024 per cycle. 0 where the CPU lacks the instructions.
+    """
+    info = Path("/proc/cpuinfo").read_text()
+    flags = set(re.search(r"^flags\s*:(.*)$", info, re.M).group(1).split())
+    amd = "AuthenticAMD" in info
+    lanes = 16 if "avx512f" in flags and not amd else 8
+    fp32 = 2 * lanes
+    return {"cpu": machine(), "cores": len(os.sched_getaffinity(0)),
+            "ghz": float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M).group(1)) / 1e3,
+            "fp32": fp32, "vnni": 4 * fp32 if {"avx512_vnni", "avx_vnni"} & flags else 0,
+            "amx": 1024 if "amx_int8" in flags else 0}
+
+
+def build(work: Path, upsample: str = "nearest", width: int = 32):
+    """Seeded default GAN (or one ``upsample`` / ``width`` away) -> fp32, int8, fp16 files;
+    returns (generator, paths, int8 meta)."""
     import torch
 
     from edgegen.export import export_run, quantize_model
@@ -48,11 +66,11 @@ def build(work: Path, upsample: str = "nearest"):
     from edgegen.training.train import GAN_ACT_CLIP
 
     torch.manual_seed(0)
-    cfg = GANConfig(upsample=upsample, act_clip=GAN_ACT_CLIP)    # what `edgegen train gan` makes
+    cfg = GANConfig(upsample=upsample, width=width, act_clip=GAN_ACT_CLIP)    # as `edgegen train gan` makes it
     gen = Generator(cfg)
     recompute_bn_stats(gen, batches=4, batch_size=128)
     gen.eval()
-    paths = {m: work / f"gan-{upsample}.{m}.onnx" for m in ("fp32", "int8", "fp16")}
+    paths = {m: work / f"gan-{upsample}-{width}.{m}.onnx" for m in ("fp32", "int8", "fp16")}
     export_run(LoadedRun("gan", gen, cfg.to_dict(), {}, 0, work / "last.pt", {}), paths["fp32"])
     meta8 = quantize_model(paths["fp32"], paths["int8"], mode="int8", force=True)   # gates measured, shown below
     quantize_model(paths["fp32"], paths["fp16"], mode="fp16", force=True)
@@ -133,11 +151,11 @@ def cold_start(path: Path, runs: int = 3) -> tuple[float, float]:
 
 
 def measure(work: Path, levers: bool) -> dict:
-    from edgegen.export import onnx_io
+    from edgegen.export import onnx_io, quantize_model
 
     gen, paths, meta8 = build(work)
     meta = meta8
-    res: dict = {"macs_per_image": meta.extra["macs_per_image"], "gates_int8": meta.extra["gates"]}
+    res: dict = {"peaks": cpu_peaks(), "macs_per_image": meta.extra["macs_per_image"], "gates_int8": meta.extra["gates"]}
     for b in (1, 64):
         # Under load, torch's 2 OpenMP threads spin-wait on each other and collapse (3 img/s at batch 1
         # measured with a training job on the other core), so eager also runs on 1 thread and each
@@ -169,18 +187,37 @@ def measure(work: Path, levers: bool) -> dict:
         # Timed alternately (the machine's load drifts): median and quartiles of the per-round ratio.
         for b in (1, 64):
             res[f"nhwc_off_speedup_b{b}"] = alternating_speedup(paths["int8"].read_bytes(), meta, b)
-        # Exact phase rewrite of the up-blocks (fp32): 0.44x their multiply-adds, pixels equal up to float rounding.
-        fp32 = paths["fp32"].read_bytes()
-        fp32_phased = phased(fp32)
+        # Exact phase rewrite of the up-blocks: 0.44x their multiply-adds, pixels equal up to float rounding.
+        # Four convs + Concat, or one stacked conv + Slice; fp32, and quantized as edgegen quantizes.
+        fp32, int8 = paths["fp32"].read_bytes(), paths["int8"].read_bytes()
         feed = onnx_io.feeds(meta, *onnx_io.seeded_latents(meta, 256, 1))
-        same = [onnx_io.session(x, THREADS).run(None, feed)[0] for x in (fp32, fp32_phased)]
-        res["phased_max_pixel_diff"] = int(np.abs(same[0].astype(int) - same[1].astype(int)).max())
+        ref = onnx_io.session(fp32, THREADS).run(None, feed)[0].astype(int)
+        variants = {}
+        for k, single in (("phased", False), ("phased1", True)):
+            (work / f"{k}.onnx").write_bytes(phased(fp32, single))
+            gates = quantize_model(work / f"{k}.onnx", work / f"{k}.int8.onnx", force=True, speed_gate=False).extra["gates"]
+            variants[k], variants[f"{k}_int8"] = (work / f"{k}.onnx").read_bytes(), (work / f"{k}.int8.onnx").read_bytes()
+            res[k] = {"max_pixel_diff": int(np.abs(ref - onnx_io.session(variants[k], THREADS).run(None, feed)[0]).max()),
+                      "int8_within_2": gates["within_2_frac"]}
         for b in (1, 64):
-            ips = interleaved({"fp32": ort_runner(fp32, meta, b), "phased": ort_runner(fp32_phased, meta, b)}, b)
-            res[f"phased_speedup_b{b}"] = quartiles(ips["phased"] / ips["fp32"])
+            ips = interleaved({"fp32": ort_runner(fp32, meta, b), "int8": ort_runner(int8, meta, b),
+                               **{k: ort_runner(v, meta, b) for k, v in variants.items()}}, b)
+            for k in ("phased", "phased1"):
+                res[k][f"fp32_b{b}"] = quartiles(ips[k] / ips["fp32"])
+                res[k][f"int8_b{b}"] = quartiles(ips[f"{k}_int8"] / ips["int8"])
+        # Channel-count lever: narrower default GANs (fewer multiply-adds), eager and onnxruntime side by side.
+        res["widths"] = {}
+        for width in (16, 24):
+            w_gen, w_paths, w_meta = build(work, width=width)
+            row = {"macs_per_image": w_meta.extra["macs_per_image"]}
+            for b in (1, 64):
+                ips = interleaved({"torch2": torch_runner(w_gen, b, 2), "torch1": torch_runner(w_gen, b, 1),
+                                   **{m: ort_runner(w_paths[m].read_bytes(), w_meta, b) for m in ("fp32", "int8")}}, b)
+                eager = np.maximum(ips["torch2"], ips["torch1"])
+                row[f"b{b}"] = {"fp32/eager": quartiles(ips["fp32"] / eager), "int8/eager": quartiles(ips["int8"] / eager)}
+            res["widths"][width] = row
         # AMX lever: the same int8 model with a weight zero point, which sends QLinearConv from MLAS's
         # VNNI indirect-conv kernel (symmetric weights) to im2col + its QGEMM, the path that can use AMX.
-        int8 = paths["int8"].read_bytes()
         for b in (1, 64):
             ips = interleaved({"sym": ort_runner(int8, meta, b), "zp": ort_runner(with_weight_zero_point(int8), meta, b)}, b)
             res[f"amx_path_speedup_b{b}"] = quartiles(ips["zp"] / ips["sym"])
@@ -287,18 +324,27 @@ def gemm_rates(gen, repeats: int = 20) -> dict:
     return out
 
 
-def phased(model: bytes) -> bytes:
+def phased(model: bytes, single: bool = False) -> bytes:
     """``model`` with every nearest x2 Resize -> Conv3x3 -> activation rewritten exactly into its four
     output phases: phase (a, b) of the upsampled conv is a 2x2 conv on the low-resolution input (taps
-    merged per axis: (w0, w1 + w2) for a = 0, (w0 + w1, w2) for a = 1, padded on the side it reads),
-    then Concat and DepthToSpace interleave the phases. 16 instead of 36 multiply-adds per input
-    pixel and channel pair: the up-blocks' compute falls to 0.44x; the pixels change only by float rounding."""
+    merged per axis: (w0, w1 + w2) for a = 0, (w0 + w1, w2) for a = 1), 16 instead of 36
+    multiply-adds per input pixel and channel pair; the pixels change only by float rounding.
+
+    Four convs (default): one per phase, padded on the side it reads, then Concat and DepthToSpace
+    interleave them: 0.44x the up-blocks' multiply-adds. ``single``: one 2x2 conv (pad 1) with the
+    four phases' filters stacked, so (N, 4 cout, s + 1, s + 1); phase (a, b) sits in DepthToSpace slot
+    (1 - a, 1 - b), which puts output row 2i + a at row 2i + a + 1, so a Slice of the inner 2s x 2s
+    finishes it: one conv and no Concat, for 0.44 ((s + 1) / s)^2 of the multiply-adds."""
     import onnx
     from onnx import helper, numpy_helper
 
     def taps(w: np.ndarray, a: int, axis: int) -> np.ndarray:
         w0, w1, w2 = (np.take(w, i, axis=axis) for i in range(3))
         return np.stack((w0, w1 + w2) if a == 0 else (w0 + w1, w2), axis=axis)
+
+    def const(value: np.ndarray, name: str) -> str:
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
 
     m = onnx.ModelProto.FromString(model)
     g = m.graph
@@ -314,17 +360,28 @@ def phased(model: bytes) -> bytes:
             continue
         act = users[conv.output[0]]                                   # the Relu / Clip after the conv
         w = numpy_helper.to_array(inits[conv.input[1]])              # (O, I, 3, 3)
-        phases = []
-        for a in (0, 1):
-            for b in (0, 1):
-                name = f"{conv.name}_p{a}{b}"
-                g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(taps(taps(w, a, 2), b, 3)), name + "_w"))
-                nodes += [helper.make_node("Conv", [n.input[0], name + "_w", *conv.input[2:]], [name + "_y"],
-                                           name=name, kernel_shape=[2, 2], pads=[1 - a, 1 - b, a, b]),
-                          helper.make_node(act.op_type, [name + "_y", *act.input[1:]], [name], name=name + "_act")]
-                phases.append(name)
-        nodes += [helper.make_node("Concat", phases, [conv.name + "_cat"], axis=1),     # DCR order: (a, b, channel)
-                  helper.make_node("DepthToSpace", [conv.name + "_cat"], list(act.output), blocksize=2, mode="DCR")]
+        if single:
+            name = conv.name + "_ph"
+            stacked = np.concatenate([taps(taps(w, 1 - a, 2), 1 - b, 3) for a in (0, 1) for b in (0, 1)])
+            bias = [const(np.tile(numpy_helper.to_array(inits[conv.input[2]]), 4), name + "_b")] if len(conv.input) > 2 else []
+            nodes += [helper.make_node("Conv", [n.input[0], const(stacked, name + "_w"), *bias], [name + "_y"],
+                                       name=name, kernel_shape=[2, 2], pads=[1, 1, 1, 1]),
+                      helper.make_node(act.op_type, [name + "_y", *act.input[1:]], [name + "_a"], name=name + "_act"),
+                      helper.make_node("DepthToSpace", [name + "_a"], [name + "_d"], blocksize=2, mode="DCR"),
+                      helper.make_node("Slice", [name + "_d", const(np.array([1, 1]), name + "_start"),
+                                                 const(np.array([-1, -1]), name + "_end"), const(np.array([2, 3]), name + "_axes")],
+                                       list(act.output), name=name + "_slice")]
+        else:
+            phases = []
+            for a in (0, 1):
+                for b in (0, 1):
+                    name = f"{conv.name}_p{a}{b}"
+                    nodes += [helper.make_node("Conv", [n.input[0], const(taps(taps(w, a, 2), b, 3), name + "_w"), *conv.input[2:]],
+                                               [name + "_y"], name=name, kernel_shape=[2, 2], pads=[1 - a, 1 - b, a, b]),
+                              helper.make_node(act.op_type, [name + "_y", *act.input[1:]], [name], name=name + "_act")]
+                    phases.append(name)
+            nodes += [helper.make_node("Concat", phases, [conv.name + "_cat"], axis=1),     # DCR order: (a, b, channel)
+                      helper.make_node("DepthToSpace", [conv.name + "_cat"], list(act.output), blocksize=2, mode="DCR")]
         done |= {conv.name, act.name}
     del g.node[:]
     g.node.extend(nodes)
@@ -419,6 +476,13 @@ def layer_sensitivity(fp32: Path) -> dict:
     return {"int8": within2(q), "weights only": within2(weights_only), "activations only": within2(acts_only)}
 
 
+def previous_figures(doc: Path) -> dict:
+    """The raw figures of the export section already in ``doc`` ({} when there are none)."""
+    text = doc.read_text() if doc.exists() else ""
+    m = re.search(r"<!-- export:start -->.*?```json\n(.*?)\n```.*?<!-- export:end -->", text, re.S)
+    return json.loads(m.group(1)) if m else {}
+
+
 def ratio(r: dict, batch: int, name: str) -> str:
     """'1.83x (1.75-1.90)': median and quartiles of a per-round ratio."""
     med, lo, hi = r[f"ratios_b{batch}"][name]
@@ -430,10 +494,11 @@ def section(r: dict) -> str:
     from edgegen.training.train import GAN_ACT_CLIP
 
     t1, t64 = r["torch_b1"], r["torch_b64"]
-    peak_vnni = GHZ * 1e9 * CORES * VNNI_MACS_CYCLE
-    peak_amx = GHZ * 1e9 * CORES * AMX_MACS_CYCLE
+    pk = r["peaks"]
+    per_cycle = pk["ghz"] * 1e9 * pk["cores"]
+    clock = lambda k: f"{per_cycle * pk[k] / 1e9:,.0f} G/s = {pk['cores']} cores x {pk['ghz']:.1f} GHz x {pk[k]}"
     achieved = r["int8_b64"] * r["macs_per_image"]
-    peak_fp32, fp32_b1 = GHZ * 1e9 * CORES * FP32_MACS_CYCLE, r["fp32_b1"] * r["macs_per_image"]
+    peak_fp32, fp32_b1 = per_cycle * pk["fp32"], r["fp32_b1"] * r["macs_per_image"]
     fp32_4x = 4 * t1 * r["macs_per_image"]                       # multiply-adds/s for 4x eager at batch 1
     s, g = r["sizes"], r["gates_int8"]
     eager = (f"PyTorch eager: 2 threads {r['torch2_b1']:,.0f} / {r['torch2_b64']:,.0f} img/s, 1 thread "
@@ -448,7 +513,7 @@ def section(r: dict) -> str:
         f"Default 32x32 GAN (as `edgegen train gan` makes it: nearest-resize + Conv3x3 up-blocks, width 32, "
         f"ReLUs capped at {GAN_ACT_CLIP:g}, "
         f"{r['macs_per_image'] / 1e6:.1f} M multiply-adds per image), random weights with recomputed BN; "
-        f"{THREADS} threads per engine, shared 2-core machine. All engines are timed back to back in each of 15 "
+        f"{THREADS} threads per engine, on {pk['cpu']} (shared). All engines are timed back to back in each of 15 "
         "rounds (rotating order), so load drifts hit them alike: the table shows the median images/s, the ratios "
         "below the median (quartiles) of the per-round ratios. `python benchmarks/export_benchmark.py`.",
         "",
@@ -461,13 +526,20 @@ def section(r: dict) -> str:
         "(target >= 2x at batch 64).",
         f"- fp32 onnxruntime / eager at batch 1: {ratio(r, 1, 'fp32/eager')} (target >= 4x); int8 / eager: "
         f"{ratio(r, 1, 'int8/eager')} at batch 1 (target >= 6x), {ratio(r, 64, 'int8/eager')} at batch 64 (target >= 3x).",
-        f"- int8 achieved {achieved / 1e9:.0f} G multiply-adds/s at batch 64: {100 * achieved / peak_vnni:.1f} % of the "
-        f"AVX-512 VNNI peak ({peak_vnni / 1e9:.0f} G/s = {CORES} cores x {GHZ} GHz x {VNNI_MACS_CYCLE}) and "
-        f"{100 * achieved / peak_amx:.1f} % of the AMX-int8 peak ({peak_amx / 1e12:.1f} T/s). fp32 onnxruntime achieved "
-        f"{fp32_b1 / 1e9:.0f} G multiply-adds/s at batch 1, {100 * fp32_b1 / peak_fp32:.0f} % of the AVX-512 fp32 peak "
-        f"({peak_fp32 / 1e9:.0f} G/s = {CORES} cores x {GHZ} GHz x {FP32_MACS_CYCLE}); 4x eager at batch 1 "
-        f"would take {fp32_4x / 1e9:.0f} G/s, {100 * fp32_4x / peak_fp32:.0f} % "
-        "of that peak over the whole graph.",
+        f"- int8 achieved {achieved / 1e9:.0f} G multiply-adds/s at batch 64: "
+        + (f"{100 * achieved / (per_cycle * pk['vnni']):.1f} % of the VNNI peak ({clock('vnni')})"
+           if pk["vnni"] else "this CPU has no VNNI")
+        + (f" and {100 * achieved / (per_cycle * pk['amx']):.1f} % of the AMX-int8 peak ({clock('amx')})" if pk["amx"]
+           else "; it has no AMX") + ". "
+        f"fp32 onnxruntime achieved {fp32_b1 / 1e9:.0f} G multiply-adds/s at batch 1, "
+        f"{100 * fp32_b1 / peak_fp32:.0f} % of the fp32 FMA peak ({clock('fp32')}); 4x eager at batch 1 "
+        f"would take {fp32_4x / 1e9:.0f} G/s, {100 * fp32_4x / peak_fp32:.0f} % of that peak over the whole graph."
+        + ("" if "gemm" not in r else
+           f" Measured beside them (kernel lever below), bare 2048-cube GEMMs run at {r['gemm']['fp32_2048'] / 1e9:.0f} "
+           f"G/s (fp32) and {r['gemm']['int8_2048'] / 1e9:.0f} G/s (u8 x s8): int8 at batch 64 reaches "
+           f"{100 * achieved / r['gemm']['int8_2048']:.0f} % of the latter, fp32 at batch 1 "
+           f"{100 * fp32_b1 / r['gemm']['fp32_2048']:.0f} % of the former, and 4x eager would need "
+           f"{100 * fp32_4x / r['gemm']['fp32_2048']:.0f} % of it."),
         f"- Cold start (import onnxruntime + numpy, open the int8 session, first image; no torch in the process): "
         f"{r['cold_inner_s']:.3f} s in-process, {r['cold_process_s']:.3f} s including interpreter start (target <= 0.5 s).",
         f"- Sizes: fp32 {s['fp32'] / 1e3:,.0f} kB, int8 {s['int8'] / 1e3:,.0f} kB ({s['fp32'] / s['int8']:.2f}x smaller, "
@@ -493,27 +565,53 @@ def section(r: dict) -> str:
             f"{r['nhwc_off_speedup_b1'][2]:.2f}), batch 64 {r['nhwc_off_speedup_b64'][0]:.2f}x "
             f"({r['nhwc_off_speedup_b64'][1]:.2f}-{r['nhwc_off_speedup_b64'][2]:.2f}).",
         ]
-    if "phased_speedup_b1" in r:
-        ph = lambda b: "{:.2f}x ({:.2f}-{:.2f})".format(*r[f"phased_speedup_b{b}"])
+    if "phased1" in r:
+        q = lambda k, m, b: "{:.2f}x ({:.2f}-{:.2f})".format(*r[k][f"{m}_b{b}"])
+        each = lambda k: (f"largest pixel difference {r[k]['max_pixel_diff']}; fp32 {q(k, 'fp32', 1)} at batch 1, "
+                          f"{q(k, 'fp32', 64)} at batch 64; int8 ({100 * r[k]['int8_within_2']:.1f} % of pixels within "
+                          f"2/255 of its fp32) {q(k, 'int8', 1)} at batch 1, {q(k, 'int8', 64)} at batch 64")
+        int8_best = max(r[k][f"int8_b{b}"][0] for k in ("phased", "phased1") for b in (1, 64))
         lines += [
-            "- Compute lever, the exact phase rewrite (`phased()` here, not shipped): each nearest x2 Resize + Conv3x3 "
-            "becomes four 2x2 convs on the low-resolution input (one per output phase) + Concat + DepthToSpace, "
-            f"0.44x the up-blocks' multiply-adds, largest pixel difference {r['phased_max_pixel_diff']}; fp32 speed "
-            f"rewritten / as exported, median (quartiles) of 15 interleaved rounds: {ph(1)} at batch 1, {ph(64)} at "
-            "batch 64. At batch 1 the interleave (Concat + DepthToSpace) costs more than the convs save.",
+            "- Compute lever, the exact phase rewrite (`phased()` here): each nearest x2 Resize + Conv3x3 becomes 2x2 "
+            "convs on the low-resolution input, one per output phase, 0.44x the up-blocks' multiply-adds. Speed "
+            "rewritten / as exported, median (quartiles) of 15 interleaved rounds, the int8 files quantized as "
+            "`edgegen quantize` does:",
+            f"  - four convs + Concat + DepthToSpace: {each('phased')};",
+            f"  - one conv with the four phases' filters stacked + DepthToSpace + Slice: {each('phased1')}.",
+            "  - The interleave (onnxruntime's DepthToSpace, and the layout reorders around it) eats much of what the "
+            "convs save at batch 1. "
+            + ("In int8, which is what edgegen ships, both are slower than the plain conv, so no edgegen file "
+               "uses the rewrite." if int8_best < 1 else
+               f"In int8 the better variant is {int8_best:.2f}x: a candidate for the export."),
         ]
+    if "widths" in r:
+        wr = lambda w, b, k: "{:.2f}x".format(r["widths"][w][f"b{b}"][k][0])
+        meets = [w for w in r["widths"] if r["widths"][w]["b1"]["fp32/eager"][0] >= 4
+                 and r["widths"][w]["b1"]["int8/eager"][0] >= 6]
+        lines.append(
+            "- Channel-count lever: narrower up-blocks, fewer multiply-adds, for eager and onnxruntime alike. "
+            "Engine / eager, median of 15 interleaved rounds, batch 1 and batch 64: " + "; ".join(
+                f"width {w} ({r['widths'][w]['macs_per_image'] / 1e6:.1f} M MACs) fp32 {wr(w, 1, 'fp32/eager')} and "
+                f"{wr(w, 64, 'fp32/eager')}, int8 {wr(w, 1, 'int8/eager')} and {wr(w, 64, 'int8/eager')}"
+                for w in sorted(r["widths"], key=int)) +
+            f"; width 32 (the default, above) fp32 {r['ratios_b1']['fp32/eager'][0]:.2f}x and "
+            f"{r['ratios_b64']['fp32/eager'][0]:.2f}x, int8 {r['ratios_b1']['int8/eager'][0]:.2f}x and "
+            f"{r['ratios_b64']['int8/eager'][0]:.2f}x. Widths meeting both batch-1 targets (fp32 4x, int8 6x): "
+            f"{', '.join(map(str, meets)) or 'none'}.")
     if "gemm" in r:
         gm, amx = r["gemm"], lambda b: "{:.2f}x ({:.2f}-{:.2f})".format(*r[f"amx_path_speedup_b{b}"])
         floor = lambda b: " + ".join(f"{1e6 * t / b:.0f}" for t in gm[f"layers_b{b}_s"]) + \
             f" = {1e6 * sum(gm[f'layers_b{b}_s']) / b:.0f} us"
         lines += [
-            f"- Kernel lever (AMX): onnxruntime's MLAS uses AMX-int8 on this CPU for large GEMMs: a 2048-cube "
-            f"u8 x s8 MatMulInteger runs at {gm['int8_2048'] / 1e9:,.0f} G multiply-adds/s and a 2048-cube fp32 MatMul "
-            f"at {gm['fp32_2048'] / 1e9:.0f} G/s (best of 20 each), {gm['int8_2048'] / gm['fp32_2048']:.1f}x apart, where "
-            f"AVX-512 VNNI alone allows {VNNI_MACS_CYCLE // FP32_MACS_CYCLE}x ({VNNI_MACS_CYCLE} against "
-            f"{FP32_MACS_CYCLE} multiply-adds per cycle). QLinearConv with symmetric int8 weights, as edgegen writes "
-            "them, runs MLAS's VNNI indirect-conv kernel; the same model with a weight zero point (-1: same pixels) "
-            f"takes the im2col + QGEMM path that can use AMX: speed {amx(1)} at batch 1, {amx(64)} at batch 64 "
+            "- Kernel lever (AMX): " + (
+                "this CPU has AMX-int8, and onnxruntime's MLAS uses it for large GEMMs: "
+                if pk["amx"] else "this CPU has no AMX-int8, so MLAS's int8 GEMMs run on VNNI: ") +
+            f"a 2048-cube u8 x s8 MatMulInteger runs at {gm['int8_2048'] / 1e9:,.0f} G multiply-adds/s and a 2048-cube "
+            f"fp32 MatMul at {gm['fp32_2048'] / 1e9:.0f} G/s (best of 20 each), {gm['int8_2048'] / gm['fp32_2048']:.1f}x "
+            f"apart, where VNNI alone allows {pk['vnni'] // pk['fp32']}x ({pk['vnni']} against {pk['fp32']} "
+            "multiply-adds per cycle). QLinearConv with symmetric int8 weights, as edgegen writes them, runs MLAS's "
+            "indirect-conv kernel; the same model with a weight zero point (-1: same pixels) takes the im2col + QGEMM "
+            f"path, the one that can use AMX: speed {amx(1)} at batch 1, {amx(64)} at batch 64 "
             "(median (quartiles) of 15 interleaved rounds, against the model as written).",
             f"- The up-block convs' GEMM floor: a bare MatMulInteger of each up-block's im2col shape (best of 20) takes "
             f"{floor(1)} per image at batch 1, {floor(64)} per image at batch 64, against "
@@ -530,7 +628,9 @@ def section(r: dict) -> str:
     if "sensitivity" in r:
         sens = r["sensitivity"]["layers"]
         lines += [
-            f"- Where the trained GAN's int8 error comes from (`{r['sensitivity']['model']}`), pixels within 2/255 of "
+            f"- Where the trained GAN's int8 error comes from (`{r['sensitivity']['model']}`"
+            f"{', carried from the previous run of this benchmark' if r['sensitivity'].get('carried') else ''}), "
+            "pixels within 2/255 of "
             f"fp32: int8 as written by `edgegen quantize` {100 * sens['int8']:.1f} %; its 8-bit weights alone "
             f"(activations float) {100 * sens['weights only']:.2f} %; 8-bit activations alone (weights float) "
             f"{100 * sens['activations only']:.2f} %. Both halves now cost about the same; with plain ReLUs "
@@ -555,6 +655,9 @@ def main() -> int:
         res = measure(Path(tmp), levers=not args.no_levers)
     if args.sensitivity:
         res["sensitivity"] = {"model": Path(args.sensitivity).name, "layers": layer_sensitivity(Path(args.sensitivity))}
+    elif "sensitivity" in (old := previous_figures(Path(args.doc))):
+        # Needs the shipped GAN's fp32 export (make models); keep the last measured figures, marked as such.
+        res["sensitivity"] = {**old["sensitivity"], "carried": True}
     text = section(res)
     print(text)
     write_section("export", text, Path(args.doc))
