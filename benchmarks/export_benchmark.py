@@ -403,7 +403,8 @@ def section(r: dict) -> str:
             "rewritten / as exported, median (quartiles) of 15 interleaved rounds, the int8 files quantized as "
             "`edgegen quantize` does:",
             f"  - four convs + Concat + DepthToSpace: {each('phased')};",
-            f"  - one conv with the four phases' filters stacked + DepthToSpace + Slice: {each('phased1')}.",
+            "  - one conv with the four phases' filters stacked (computing one extra row and column, which the Slice "
+            f"drops) + DepthToSpace + Slice: {each('phased1')}.",
             "  - The interleave (onnxruntime's DepthToSpace, and the layout reorders around it) eats much of what the "
             "convs save at batch 1. "
             + ("In int8, which is what edgegen ships, both are slower than the plain conv, so no edgegen file "

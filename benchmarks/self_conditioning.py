@@ -10,7 +10,7 @@ with ``edgegen eval``'s protocol (10,000 samples against the test split), beside
 docs/benchmarks.md. With ``--mode-seeking W ...`` (the trainer's default for these runs is 0.2) it
 trains each K with each weight, in ``runs/selfcond/k<K>-ms<W>``, and writes its table to its own
 ``self-conditioning-mode-seeking`` section. The shipped GAN's row needs its run folder; without
-one, the table names the section that has it.
+one, the table points to the bundled-models section.
 
     python benchmarks/self_conditioning.py --clusters 10 --epochs 3           # runs/selfcond/k10
     python benchmarks/self_conditioning.py --clusters 10 --mode-seeking 0.5 1  # runs/selfcond/k10-ms0.5, -ms1
@@ -69,7 +69,7 @@ def main() -> None:
     floor = next(iter(rows.values()))["floor"]
     weights = " ".join(f"{w:g}" for w in args.mode_seeking or [])
     shown = (f"beside the shipped GAN ({recipe['epochs']:g} epochs)" if shipped.is_dir() else
-             f"(the shipped GAN, {recipe['epochs']:g} epochs, is in the section above)")
+             f"(the shipped GAN, {recipe['epochs']:g} epochs, is in the bundled-models section)")
     lines = [
         "## Self-conditioned GAN (label-free clusters)" + (", mode-seeking weight" if weights else ""),
         "",
