@@ -18,6 +18,7 @@ counts, the AMX-capable conv path and the bare GEMM floor, split output conv; th
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -57,6 +58,24 @@ def cpu_peaks() -> dict:
             "amx": 1024 if "amx_int8" in flags else 0}
 
 
+def steady_malloc() -> None:
+    """Keep glibc's malloc from giving large freed blocks back to the OS after every call.
+
+    PyTorch's CPU tensors come from malloc. With onnxruntime sessions in the same process, glibc's
+    adaptive mmap threshold made each batch-64 activation an mmap/munmap pair, and the page faults
+    slowed eager by up to 1.6x (measured: 700-800 against 1,200 img/s alone). Fixed thresholds give
+    eager the speed it has in a process of its own; onnxruntime allocates from its own arena.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:                                                          # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3               # <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)                                 # glibc's largest
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(m_top_pad, 256 << 20)
+
+
 def build(work: Path, upsample: str = "nearest", width: int = 32):
     """Seeded default GAN (or one ``upsample`` / ``width`` away) -> fp32, int8, fp16 files;
     returns (generator, paths, int8 meta)."""
@@ -79,11 +98,15 @@ def build(work: Path, upsample: str = "nearest", width: int = 32):
     return gen, paths, meta8
 
 
-def interleaved(runners: dict, batch: int, rounds: int = 15, seconds: float = 0.15) -> dict[str, np.ndarray]:
+def interleaved(runners: dict, batch: int, rounds: int = 15, seconds: float = 0.15,
+                settle: float = 0.05) -> dict[str, np.ndarray]:
     """Images/s of every engine in each of ``rounds`` rounds, the engines timed back to back within a
     round in rotating order, so the shared machine's drifting load hits all of them alike.
 
     ``runners`` maps a name to a no-argument callable that makes one batch of ``batch`` images.
+    Each engine's turn starts ``settle`` seconds after the last one's: the thread pools of PyTorch
+    (OpenMP) and of spinning onnxruntime sessions spin-wait after their last call, and without the
+    pause they take cores from the next engine (measured: eager at batch 64 1.5x slower).
     """
     names = list(runners)
     for run in runners.values():
@@ -91,6 +114,7 @@ def interleaved(runners: dict, batch: int, rounds: int = 15, seconds: float = 0.
     out: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(settle)
             t0, n = time.perf_counter(), 0
             while (dt := time.perf_counter() - t0) < seconds or n == 0:
                 runners[k]()
@@ -114,11 +138,17 @@ def torch_runner(gen, batch: int, threads: int):
     return run
 
 
-def ort_runner(model: bytes, meta, batch: int):
-    """onnxruntime as edgegen runs it (2 threads, NHWC transformer skipped), one batch of pixels."""
-    from edgegen.export import onnx_io
+def ort_runner(model: bytes, meta, batch: int, mode: str = "desktop"):
+    """onnxruntime as edgegen's sessions run it (2 threads, NHWC transformer skipped), one batch of
+    pixels. ``mode`` is the runtime's session mode: ``desktop`` turns onnxruntime's spin-waiting
+    between runs off, ``batch`` keeps it (onnxruntime's default, as PyTorch's OpenMP threads spin)."""
+    import onnxruntime as ort
 
-    sess = onnx_io.session(model, THREADS)
+    from edgegen.export import onnx_io
+    from edgegen.runtime.generator import DISABLED_OPTIMIZERS, session_options
+
+    sess = ort.InferenceSession(model, session_options(mode, THREADS), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
     z, labels = onnx_io.seeded_latents(meta, batch, 0)
     feed = onnx_io.feeds(meta, z, labels)
     return lambda: sess.run(None, feed)
@@ -164,13 +194,15 @@ def measure(work: Path, levers: bool) -> dict:
         # round's ratios use the better of the two: the comparison never flatters onnxruntime.
         runners = {"torch2": torch_runner(gen, b, 2), "torch1": torch_runner(gen, b, 1)}
         runners.update({m: ort_runner(p.read_bytes(), meta, b) for m, p in paths.items()})
+        runners.update({f"{m}_spin": ort_runner(paths[m].read_bytes(), meta, b, "batch") for m in ("fp32", "int8")})
         ips = interleaved(runners, b)
         eager = np.maximum(ips["torch2"], ips["torch1"])
         for k, v in ips.items():
             res[f"{k}_b{b}"] = float(np.median(v))
         res[f"torch_b{b}"] = float(np.median(eager))
-        res[f"ratios_b{b}"] = {"int8/fp32": quartiles(ips["int8"] / ips["fp32"]),
-                               "fp32/eager": quartiles(ips["fp32"] / eager), "int8/eager": quartiles(ips["int8"] / eager)}
+        res[f"ratios_b{b}"] = {name: quartiles(ips[a] / (eager if d == "eager" else ips[d])) for name, a, d in (
+            ("int8/fp32", "int8", "fp32"), ("fp32/eager", "fp32", "eager"), ("int8/eager", "int8", "eager"),
+            ("fp32 spinning/eager", "fp32_spin", "eager"), ("int8 spinning/eager", "int8_spin", "eager"))}
     res["sizes"] = {m: p.stat().st_size for m, p in paths.items()}
     res["cold_inner_s"], res["cold_process_s"] = cold_start(paths["int8"])
     if levers:
@@ -330,7 +362,9 @@ def section(r: dict) -> str:
     rows = [f"| {name} | {r[f'{k}_b1']:,.0f} | {r[f'{k}_b1'] / t1:.1f}x | {r[f'{k}_b64']:,.0f} | "
             f"{r[f'{k}_b64'] / t64:.1f}x |" for name, k in (("PyTorch eager (best)", "torch"), ("onnxruntime fp32", "fp32"),
                                                             ("onnxruntime int8 (QDQ)", "int8"),
-                                                            ("onnxruntime fp16 weights", "fp16"))]
+                                                            ("onnxruntime fp16 weights", "fp16"),
+                                                            ("onnxruntime fp32, spinning", "fp32_spin"),
+                                                            ("onnxruntime int8, spinning", "int8_spin"))]
     lines = [
         "## Export and quantization",
         "",
@@ -338,8 +372,11 @@ def section(r: dict) -> str:
         f"ReLUs capped at {GAN_ACT_CLIP:g}, "
         f"{r['macs_per_image'] / 1e6:.1f} M multiply-adds per image), random weights with recomputed BN; "
         f"{THREADS} threads per engine, on {pk['cpu']} (shared). All engines are timed back to back in each of 15 "
-        "rounds (rotating order), so load drifts hit them alike: the table shows the median images/s, the ratios "
-        "below the median (quartiles) of the per-round ratios. `python benchmarks/export_benchmark.py`.",
+        "rounds (rotating order, each turn 50 ms after the last so that spin-waiting threads have parked), so load "
+        "drifts hit them alike: the table shows the median images/s, the ratios below the median (quartiles) of the "
+        "per-round ratios. onnxruntime runs as edgegen's sessions do: without spin-waiting between runs (the "
+        "runtime's `desktop` mode, the default), and with it (`batch` mode, onnxruntime's own default; PyTorch's "
+        "OpenMP threads spin too). `python benchmarks/export_benchmark.py`.",
         "",
         "| engine | img/s batch 1 | vs eager | img/s batch 64 | vs eager |",
         "|---|---:|---:|---:|---:|",
@@ -350,6 +387,9 @@ def section(r: dict) -> str:
         "(target >= 2x at batch 64).",
         f"- fp32 onnxruntime / eager at batch 1: {ratio(r, 1, 'fp32/eager')} (target >= 4x); int8 / eager: "
         f"{ratio(r, 1, 'int8/eager')} at batch 1 (target >= 6x), {ratio(r, 64, 'int8/eager')} at batch 64 (target >= 3x).",
+        f"- Spinning (`batch` mode) / eager: fp32 {ratio(r, 1, 'fp32 spinning/eager')} at batch 1, "
+        f"{ratio(r, 64, 'fp32 spinning/eager')} at batch 64; int8 {ratio(r, 1, 'int8 spinning/eager')} at batch 1, "
+        f"{ratio(r, 64, 'int8 spinning/eager')} at batch 64.",
         f"- int8 achieved {achieved / 1e9:.0f} G multiply-adds/s at batch 64: "
         + (f"{100 * achieved / (per_cycle * pk['vnni']):.1f} % of the VNNI peak ({clock('vnni')})"
            if pk["vnni"] else "this CPU has no VNNI")
@@ -478,6 +518,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    steady_malloc()
     with tempfile.TemporaryDirectory() as tmp:
         res = measure(Path(tmp), levers=not args.no_levers)
     if args.sensitivity:
