@@ -47,12 +47,13 @@ def cpu_peaks() -> dict:
     the same pipes: 4x fp32. AMX-int8 (Intel only): a 16x64 by 64x16 tile product per 16 cycles,
     1024 per cycle. 0 where the CPU lacks the instructions.
     """
-    info = Path("/proc/cpuinfo").read_text()
-    flags = set(re.search(r"^flags\s*:(.*)$", info, re.M).group(1).split())
-    amd = "AuthenticAMD" in info
-    lanes = 16 if "avx512f" in flags and not amd else 8
+    from edgegen.runtime.bench import machine_info
+
+    info, m = Path("/proc/cpuinfo").read_text(), machine_info()         # vendor and clock; flags and cores
+    flags = set(m["isa"])
+    lanes = 16 if "avx512f" in flags and "AuthenticAMD" not in info else 8
     fp32 = 2 * lanes
-    return {"cpu": machine(), "cores": len(os.sched_getaffinity(0)),
+    return {"cpu": machine(), "cores": m["cores"],
             "ghz": float(re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M).group(1)) / 1e3,
             "fp32": fp32, "vnni": 4 * fp32 if {"avx512_vnni", "avx_vnni"} & flags else 0,
             "amx": 1024 if "amx_int8" in flags else 0}
@@ -138,17 +139,23 @@ def torch_runner(gen, batch: int, threads: int):
     return run
 
 
+def with_eager(gen, batch: int, runners: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``interleaved`` for ``runners`` and PyTorch eager on 2 and on 1 threads; (images/s per name, eager
+    images/s per round). Eager is the better of its two thread counts in each round: under load, torch's
+    2 OpenMP threads spin-wait on each other and collapse (3 img/s at batch 1 measured with a training
+    job on the other core), so the comparison never flatters onnxruntime."""
+    ips = interleaved({"torch2": torch_runner(gen, batch, 2), "torch1": torch_runner(gen, batch, 1), **runners}, batch)
+    return ips, np.maximum(ips["torch2"], ips["torch1"])
+
+
 def ort_runner(model: bytes, meta, batch: int, mode: str = "desktop"):
     """onnxruntime as edgegen's sessions run it (2 threads, NHWC transformer skipped), one batch of
     pixels. ``mode`` is the runtime's session mode: ``desktop`` turns onnxruntime's spin-waiting
     between runs off, ``batch`` keeps it (onnxruntime's default, as PyTorch's OpenMP threads spin)."""
-    import onnxruntime as ort
-
     from edgegen.export import onnx_io
-    from edgegen.runtime.generator import DISABLED_OPTIMIZERS, session_options
+    from edgegen.runtime.generator import _open_session, session_options
 
-    sess = ort.InferenceSession(model, session_options(mode, THREADS), providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    sess, _ = _open_session(model, "benchmark model", session_options(mode, THREADS))
     z, labels = onnx_io.seeded_latents(meta, batch, 0)
     feed = onnx_io.feeds(meta, z, labels)
     return lambda: sess.run(None, feed)
@@ -189,14 +196,9 @@ def measure(work: Path, levers: bool) -> dict:
     meta = meta8
     res: dict = {"peaks": cpu_peaks(), "macs_per_image": meta.extra["macs_per_image"], "gates_int8": meta.extra["gates"]}
     for b in (1, 64):
-        # Under load, torch's 2 OpenMP threads spin-wait on each other and collapse (3 img/s at batch 1
-        # measured with a training job on the other core), so eager also runs on 1 thread and each
-        # round's ratios use the better of the two: the comparison never flatters onnxruntime.
-        runners = {"torch2": torch_runner(gen, b, 2), "torch1": torch_runner(gen, b, 1)}
-        runners.update({m: ort_runner(p.read_bytes(), meta, b) for m, p in paths.items()})
+        runners = {m: ort_runner(p.read_bytes(), meta, b) for m, p in paths.items()}
         runners.update({f"{m}_spin": ort_runner(paths[m].read_bytes(), meta, b, "batch") for m in ("fp32", "int8")})
-        ips = interleaved(runners, b)
-        eager = np.maximum(ips["torch2"], ips["torch1"])
+        ips, eager = with_eager(gen, b, runners)
         for k, v in ips.items():
             res[f"{k}_b{b}"] = float(np.median(v))
         res[f"torch_b{b}"] = float(np.median(eager))
@@ -245,9 +247,8 @@ def measure(work: Path, levers: bool) -> dict:
             w_gen, w_paths, w_meta = build(work, width=width)
             row = {"macs_per_image": w_meta.extra["macs_per_image"]}
             for b in (1, 64):
-                ips = interleaved({"torch2": torch_runner(w_gen, b, 2), "torch1": torch_runner(w_gen, b, 1),
-                                   **{m: ort_runner(w_paths[m].read_bytes(), w_meta, b) for m in ("fp32", "int8")}}, b)
-                eager = np.maximum(ips["torch2"], ips["torch1"])
+                ips, eager = with_eager(w_gen, b, {m: ort_runner(w_paths[m].read_bytes(), w_meta, b)
+                                                   for m in ("fp32", "int8")})
                 row[f"b{b}"] = {"fp32/eager": quartiles(ips["fp32"] / eager), "int8/eager": quartiles(ips["int8"] / eager)}
             res["widths"][width] = row
         # AMX lever: the same int8 model with a weight zero point, which sends QLinearConv from MLAS's
